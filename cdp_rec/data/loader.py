@@ -1,0 +1,361 @@
+"""Streaming Parquet search logs -> :class:`cdp_rec.data.schema.Batch`.
+
+The reader holds at most one row group plus one partial batch in memory: it opens one
+file at a time, reads one row group at a time, validates it, converts it to numpy with
+columnar (never per-row) operations and cuts fixed-size batches, carrying leftover rows
+into the next row group or file. Nothing is cached, so memory does not grow with the
+number of files or days.
+
+Every problem with the data is a :class:`DataError` that names the file and, where it
+applies, the row group, the column, how many values are bad and the first bad row and
+value. Bad rows are never dropped or repaired: a silently shrinking data set is worse
+than a crash at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from cdp_rec.config import FeatureConfig
+from cdp_rec.data.schema import (
+    HIST_CATEGORIES,
+    HIST_ITEMS,
+    ID_FEATURES,
+    Batch,
+    day_dir_name,
+    id_ranges,
+    table_schema,
+)
+from cdp_rec.data.synthetic import DATASET_SPEC_FILE
+
+
+class DataError(ValueError):
+    """The data on disk is missing, malformed or inconsistent with the feature spec."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def list_day_files(root: str | Path, day: int) -> list[Path]:
+    """Sorted ``part-*.parquet`` files of ``<root>/day=NN``; DataError if there are none."""
+    day_dir = Path(root) / day_dir_name(day)
+    if not day_dir.is_dir():
+        raise DataError(f"{day_dir}: day directory not found")
+    files = sorted(day_dir.glob("part-*.parquet"))
+    if not files:
+        raise DataError(f"{day_dir}: no part-*.parquet files")
+    return files
+
+
+def dataset_files(root: str | Path, days: Sequence[int]) -> list[Path]:
+    """:func:`list_day_files` of every day in ``days``, concatenated in that order."""
+    return [f for day in days for f in list_day_files(root, day)]
+
+
+def check_dataset_spec(
+    root: str | Path, features: FeatureConfig, seed: int | None = None
+) -> dict[str, Any] | None:
+    """Compare ``<root>/_dataset.json`` (written by the synthetic generator) with the config.
+
+    Returns the parsed spec, or None when the file does not exist (real logs carry no
+    spec; the per-row-group validation still applies). Raises DataError naming the first
+    mismatching key, e.g. a data set generated for another vocabulary or seed.
+    """
+    path = Path(root) / DATASET_SPEC_FILE
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read data set spec: {e}") from e
+    want = json.loads(json.dumps(asdict(features)))  # tuples/ints as JSON would store them
+    have = spec.get("features", {})
+    for key in sorted(set(want) | set(have)):
+        if have.get(key) != want.get(key):
+            raise DataError(
+                f"{path}: features.{key} is {have.get(key)!r} in the data set but "
+                f"{want.get(key)!r} in the config; regenerate the data or fix the config"
+            )
+    if seed is not None and spec.get("seed") != seed:
+        raise DataError(f"{path}: seed is {spec.get('seed')!r} in the data set but {seed} in the config")
+    return spec
+
+
+# --------------------------------------------------------------------------- columns
+
+
+@dataclass
+class _Columns:
+    """A block of rows in numpy form, cheap to slice.
+
+    ``single`` maps each single-valued column to ``[n]`` int64 (label: int8); both
+    history columns share ``offsets`` ``[n + 1]`` starting at 0 (their lengths were
+    checked equal), ``hist_items`` / ``hist_cats`` are the ``[offsets[-1]]`` flat values.
+    Slices are numpy views; only a batch that spans two blocks is copied.
+    """
+
+    single: dict[str, np.ndarray]
+    offsets: np.ndarray
+    hist_items: np.ndarray
+    hist_cats: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def slice(self, start: int, stop: int) -> "_Columns":
+        offsets = self.offsets[start : stop + 1]
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        return _Columns(
+            single={k: v[start:stop] for k, v in self.single.items()},
+            offsets=offsets - lo,
+            hist_items=self.hist_items[lo:hi],
+            hist_cats=self.hist_cats[lo:hi],
+        )
+
+    @staticmethod
+    def concat(a: "_Columns", b: "_Columns") -> "_Columns":
+        return _Columns(
+            single={k: np.concatenate([a.single[k], b.single[k]]) for k in a.single},
+            offsets=np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]),
+            hist_items=np.concatenate([a.hist_items, b.hist_items]),
+            hist_cats=np.concatenate([a.hist_cats, b.hist_cats]),
+        )
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class ParquetBatchReader:
+    """Iterate fixed-size :class:`Batch` es over Parquet files, one row group at a time.
+
+    Args:
+        files: Parquet files in reading order (e.g. :func:`dataset_files`).
+        features: the feature spec the files must satisfy.
+        batch_size: rows per batch ``B``; batches span row group and file boundaries.
+        rank, world_size: this reader takes ``files[rank::world_size]``, so ranks read
+            disjoint files. Ranks may then get different numbers of batches; a
+            distributed loop must agree on a common step count.
+        drop_last: drop the final batch if it has fewer than ``B`` rows.
+
+    Each iteration re-reads the files from the start (one pass per ``iter()``).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        features: FeatureConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.files: list[Path] = [Path(f) for f in files][rank::world_size]
+        self.features = features
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self._schema = table_schema(features)
+        self._ranges = id_ranges(features)
+        self._single_cols = [f.name for f in self._schema if not pa.types.is_list(f.type)]
+        self._keys = [*ID_FEATURES, *features.context_features, *features.scene_features]
+
+    def num_rows(self) -> int:
+        """Rows in this rank's files, from the Parquet footers (no data is read)."""
+        total = 0
+        for path in self.files:
+            with _open(path) as pf:
+                total += pf.metadata.num_rows
+        return total
+
+    def num_batches(self) -> int:
+        """Batches one pass yields (honours ``drop_last``)."""
+        rows = self.num_rows()
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        B = self.batch_size
+        carry: _Columns | None = None
+        for block in self._blocks():
+            start = 0
+            if carry is not None:
+                need = B - len(carry)
+                if len(block) < need:
+                    carry = _Columns.concat(carry, block)
+                    continue
+                yield self._to_batch(_Columns.concat(carry, block.slice(0, need)))
+                carry, start = None, need
+            while len(block) - start >= B:
+                yield self._to_batch(block.slice(start, start + B))
+                start += B
+            if start < len(block):
+                carry = block.slice(start, len(block))
+        if carry is not None and len(carry) > 0 and not self.drop_last:
+            yield self._to_batch(carry)
+
+    # ------------------------------------------------------------------ reading
+
+    def _blocks(self) -> Iterator[_Columns]:
+        """Validated row groups of all files, in order."""
+        names = self._schema.names
+        for path in self.files:
+            with _open(path) as pf:
+                self._check_schema(path, pf.schema_arrow)
+                for rg in range(pf.num_row_groups):
+                    where = f"{path}: row group {rg}"
+                    try:
+                        table = pf.read_row_group(rg, columns=names)
+                    except (pa.ArrowException, OSError) as e:
+                        raise DataError(f"{where}: cannot read: {e}") from e
+                    if table.num_rows:
+                        yield self._convert(where, table)
+
+    def _check_schema(self, path: Path, schema: pa.Schema) -> None:
+        for field in self._schema:
+            idx = schema.get_field_index(field.name)
+            if idx < 0:
+                if field.name in schema.names:  # duplicated name: ambiguous
+                    raise DataError(f"{path}: column '{field.name}' appears more than once")
+                raise DataError(
+                    f"{path}: column '{field.name}' is missing (file has columns {schema.names})"
+                )
+            got = schema.field(idx).type
+            ok = (
+                pa.types.is_list(got) and got.value_type == field.type.value_type
+                if pa.types.is_list(field.type)
+                else got == field.type
+            )
+            if not ok:
+                raise DataError(f"{path}: column '{field.name}' has type {got}, expected {field.type}")
+
+    def _convert(self, where: str, table: pa.Table) -> _Columns:
+        """Validate one row group and turn it into numpy arrays (no per-row Python)."""
+        n = table.num_rows
+        max_len = self.features.max_seq_len
+        single: dict[str, np.ndarray] = {}
+        for name in self._single_cols:
+            col = table.column(name)
+            _check_no_nulls(where, name, col)
+            values = col.to_numpy()
+            if name == "label":
+                _check_bad(where, name, (values != 0) & (values != 1), values, "value(s) not in {0, 1}")
+            elif name in self._ranges:
+                _check_range(where, name, values, self._ranges[name])
+            single[name] = values
+
+        lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in (HIST_ITEMS, HIST_CATEGORIES):
+            col = table.column(name)
+            _check_no_nulls(where, name, col)
+            arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+            lengths = pc.list_value_length(arr).to_numpy()
+            flat = pc.list_flatten(arr)
+            if flat.null_count:
+                first = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
+                row = _row_of(lengths, first)
+                raise DataError(
+                    f"{where}: column '{name}': {flat.null_count} null element(s) inside lists, "
+                    f"first at row {row} of the row group"
+                )
+            values = flat.to_numpy()
+            _check_bad(where, name, lengths > max_len, lengths,
+                       f"list(s) longer than max_seq_len={max_len}", what="length")
+            bad = (values < 0) | (values >= self._ranges[name])
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{where}: column '{name}': {int(bad.sum())} value(s) out of range "
+                    f"[0, {self._ranges[name]}), first at row {_row_of(lengths, first)} of the "
+                    f"row group: {values[first]}"
+                )
+            lists[name] = (lengths, values)
+
+        item_len, cat_len = lists[HIST_ITEMS][0], lists[HIST_CATEGORIES][0]
+        diff = item_len != cat_len
+        if diff.any():
+            r = int(np.flatnonzero(diff)[0])
+            raise DataError(
+                f"{where}: column '{HIST_CATEGORIES}': {int(diff.sum())} row(s) whose length differs "
+                f"from '{HIST_ITEMS}', first at row {r} of the row group: {cat_len[r]} vs {item_len[r]}"
+            )
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(item_len, out=offsets[1:])
+        return _Columns(single, offsets, lists[HIST_ITEMS][1], lists[HIST_CATEGORIES][1])
+
+    def _to_batch(self, cols: _Columns) -> Batch:
+        """``_Columns`` of ``B`` rows -> Batch (KJT values key-major, as torchrec expects)."""
+        B = len(cols)
+        hist_len = np.diff(cols.offsets)
+        values = np.concatenate(
+            [cols.single[k] for k in self._keys] + [cols.hist_items, cols.hist_cats]
+        ).astype(np.int64, copy=False)
+        lengths = np.concatenate(
+            [np.ones(B * len(self._keys), dtype=np.int64), hist_len, hist_len]
+        )
+        sparse = KeyedJaggedTensor(
+            keys=[*self._keys, HIST_ITEMS, HIST_CATEGORIES],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths),
+        )
+        return Batch(
+            sparse=sparse,
+            labels=torch.from_numpy(cols.single["label"].astype(np.float32)),
+            # Copies: Arrow-backed arrays are read-only, and torch wants writable memory.
+            user_ids=torch.from_numpy(np.array(cols.single["user_id"], dtype=np.int64)),
+            request_ids=torch.from_numpy(np.array(cols.single["request_id"], dtype=np.int64)),
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+
+
+def _row_of(lengths: np.ndarray, flat_index: int) -> int:
+    """Row that holds element ``flat_index`` of the flattened lists."""
+    ends = np.cumsum(lengths)
+    return int(np.searchsorted(ends, flat_index, side="right"))
+
+
+def _check_no_nulls(where: str, name: str, col: pa.ChunkedArray) -> None:
+    if col.null_count:
+        first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(
+            f"{where}: column '{name}': {col.null_count} null value(s), first at row {first} of the row group"
+        )
+
+
+def _check_bad(
+    where: str, name: str, bad: np.ndarray, values: np.ndarray, message: str, what: str = ""
+) -> None:
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        label = f"{what} " if what else ""
+        raise DataError(
+            f"{where}: column '{name}': {int(bad.sum())} {message}, first at row {first} of the "
+            f"row group: {label}{values[first]}"
+        )
+
+
+def _check_range(where: str, name: str, values: np.ndarray, upper: int) -> None:
+    _check_bad(where, name, (values < 0) | (values >= upper), values, f"value(s) out of range [0, {upper})")

@@ -1,0 +1,116 @@
+"""The Parquet search-log schema and the in-memory training batch.
+
+One row per impression. Context and scene columns come from the feature spec
+(:class:`cdp_rec.config.FeatureConfig`), so the schema is built, not hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from cdp_rec.config import FeatureConfig
+
+# Single-valued id features, in KJT key order. Each has exactly one value per sample.
+ID_FEATURES = ("query_id", "user_id", "item_id", "category_id")
+# Jagged behaviour features, most recent behaviour last, equal lengths per row.
+HIST_ITEMS = "hist_item_ids"
+HIST_CATEGORIES = "hist_category_ids"
+
+
+def day_dir_name(day: int) -> str:
+    return f"day={day:02d}"
+
+
+def table_schema(features: FeatureConfig) -> pa.Schema:
+    """Arrow schema every Parquet file of a data set must have (column order free)."""
+    fields = [
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("query_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("category_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+    ]
+    for col in (*features.context_features, *features.scene_features):
+        fields.append(pa.field(col, pa.int64(), nullable=False))
+    fields += [
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field(HIST_ITEMS, pa.list_(pa.int64()), nullable=False),
+        pa.field(HIST_CATEGORIES, pa.list_(pa.int64()), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+def id_ranges(features: FeatureConfig) -> dict[str, int]:
+    """Column -> exclusive upper bound of its ids (lower bound is 0)."""
+    ranges = {
+        "user_id": features.num_users,
+        "query_id": features.num_queries,
+        "item_id": features.num_items,
+        "category_id": features.num_categories,
+        HIST_ITEMS: features.num_items,
+        HIST_CATEGORIES: features.num_categories,
+    }
+    ranges.update(features.context_features)
+    ranges.update(features.scene_features)
+    return ranges
+
+
+def sparse_keys(features: FeatureConfig) -> list[str]:
+    """KJT keys in the order the loader emits them."""
+    return [
+        *ID_FEATURES,
+        *features.context_features,
+        *features.scene_features,
+        HIST_ITEMS,
+        HIST_CATEGORIES,
+    ]
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One training/eval batch of ``B`` impressions.
+
+    Attributes:
+        sparse: KJT with keys :func:`sparse_keys`; single-valued features have length
+            1 per sample, ``hist_item_ids`` / ``hist_category_ids`` are jagged with
+            equal lengths (``0 <= len <= max_seq_len``).
+        labels: ``[B]`` float32 in {0, 1}.
+        user_ids: ``[B]`` int64, the UAUC group.
+        request_ids: ``[B]`` int64, the GAUC group.
+    """
+
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    user_ids: torch.Tensor
+    request_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+            request_ids=self.request_ids.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.user_ids.record_stream(stream)
+        self.request_ids.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            labels=self.labels.pin_memory(),
+            user_ids=self.user_ids.pin_memory(),
+            request_ids=self.request_ids.pin_memory(),
+        )
