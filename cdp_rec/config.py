@@ -208,18 +208,56 @@ class TrainConfig:
                 raise ConfigError(f"{where}: train.{name} must be > 0, got {getattr(self, name)}")
 
 
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+SPARSE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
+
+
+@dataclass
+class ShardingConfig:
+    """How DistributedModelParallel shards the tables and what updates them.
+
+    World size comes from the launcher (torchrun / torchx), not from here; the planner's
+    Topology is built from it plus the per-device memory below.
+    """
+
+    # "cpu" (gloo) or "cuda" (nccl). CPU is for development, tests and small runs.
+    compute_device: str = "cpu"
+    hbm_gb: float = 80.0  # per device
+    ddr_gb: float = 128.0  # per device (host memory share)
+    # table name -> sharding type; unlisted tables are the planner's choice.
+    constraints: dict[str, str] = field(default_factory=dict)
+    # Sparse optimizer (paper: Adam). fbgemm's fused Adam runs on GPU only.
+    sparse_optimizer: str = "adam"
+    # What replaces fused Adam for sharded tables on CPU — never silently: fbgemm's fused
+    # Adam is GPU-only and TorchRec refuses the dense kernel for sharded tables.
+    cpu_adam_fallback: str = "rowwise_adagrad"
+    # TorchRec TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i.
+    pipeline: bool = True
+
+    def validate(self, where: str) -> None:
+        _choice(where, "sharding.compute_device", self.compute_device, ("cpu", "cuda"))
+        _choice(where, "sharding.sparse_optimizer", self.sparse_optimizer, SPARSE_OPTIMIZERS)
+        _choice(where, "sharding.cpu_adam_fallback", self.cpu_adam_fallback, ("rowwise_adagrad", "adagrad", "sgd"))
+        for table, kind in self.constraints.items():
+            _choice(where, f"sharding.constraints.{table}", kind, SHARDING_TYPES)
+        if self.hbm_gb <= 0 or self.ddr_gb < 0:
+            raise ConfigError(f"{where}: sharding.hbm_gb must be > 0 and sharding.ddr_gb >= 0")
+
+
 @dataclass
 class JobConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def validate(self, where: str = "<config>") -> "JobConfig":
         self.features.validate(where)
         self.data.validate(where)
         self.model.validate(where)
         self.train.validate(where)
+        self.sharding.validate(where)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,7 +361,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 # Mappings that a YAML file replaces whole rather than merges into the defaults:
 # a config that lists its context columns means exactly those columns.
-_REPLACED_MAPPINGS = ("context_features", "scene_features")
+_REPLACED_MAPPINGS = ("context_features", "scene_features", "constraints")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
