@@ -186,6 +186,10 @@ class TrainConfig:
     """Optimisation and run bookkeeping (paper §4.1.3: Adam, dense 2.5e-4, sparse 5e-4)."""
 
     batch_size: int = 256
+    # "global": batch_size is the global batch, split evenly across ranks (a 1-process
+    # and an N-process run see the same batches). "per_rank": each rank reads
+    # batch_size samples (the paper's "4096 per GPU").
+    batch_size_scope: str = "global"
     eval_batch_size: int = 1024
     # Defaults are the tiny config's: 4x the paper's rates, because 400k training samples
     # must show learning that 18B samples show at 2.5e-4 / 5e-4 (configs/industrial.yaml).
@@ -200,6 +204,7 @@ class TrainConfig:
     log_every: int = 50
 
     def validate(self, where: str) -> None:
+        _choice(where, "train.batch_size_scope", self.batch_size_scope, ("global", "per_rank"))
         for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: train.{name} must be > 0, got {getattr(self, name)}")
@@ -233,9 +238,15 @@ class ShardingConfig:
     cpu_adam_fallback: str = "rowwise_adagrad"
     # TorchRec TrainPipelineSparseDist: input dist of batch i+1 overlaps compute of batch i.
     pipeline: bool = True
+    # "replicated": every rank builds the full seeded tables and keeps its shards, so any
+    # world size starts from identical weights (exact 1-vs-N comparisons; small tables).
+    # "sharded": tables are built on the meta device and each shard is initialised in
+    # place — the only option when a table does not fit one host (industrial).
+    init: str = "replicated"
 
     def validate(self, where: str) -> None:
         _choice(where, "sharding.compute_device", self.compute_device, ("cpu", "cuda"))
+        _choice(where, "sharding.init", self.init, ("replicated", "sharded"))
         _choice(where, "sharding.sparse_optimizer", self.sparse_optimizer, SPARSE_OPTIMIZERS)
         _choice(where, "sharding.cpu_adam_fallback", self.cpu_adam_fallback, ("rowwise_adagrad", "adagrad", "sgd"))
         for table, kind in self.constraints.items():

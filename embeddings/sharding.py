@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import row_wise, table_row_wise
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan, ShardingType
@@ -224,3 +225,24 @@ def format_plan(rows: list[dict[str, Any]], embedding_bytes: dict[str, int] | No
             + ", ".join(f"rank {k}: {v / 2**20:.2f} MiB" for k, v in sorted(per_rank.items()))
         )
     return "\n".join(lines)
+
+
+def shard_model(
+    cfg: JobConfig,
+    model: nn.Module,
+    device: torch.device,
+    world_size: int,
+    local_world_size: int,
+    pg: torch.distributed.ProcessGroup,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan (rank 0 plans, all ranks receive) and wrap ``model`` in DistributedModelParallel.
+
+    Dense modules become data-parallel (DDP) inside DMP; the EBC's tables are sharded by
+    the plan with the fused sparse optimizer of :func:`sparse_optimizer_choice`.
+    """
+    device_type = device.type
+    plan = plan_sharding(cfg, model, world_size, local_world_size, device_type, pg=pg)
+    dmp = DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=[build_sharder(cfg, device_type)]  # type: ignore[list-item]
+    )
+    return dmp, plan

@@ -36,7 +36,7 @@ def test_forward_backward_and_eval_determinism(name, ablation):
     cfg.model.name, cfg.model.ablation = name, ablation
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = random_batch(cfg)
+    batch = model.prepare_batch(random_batch(cfg))
     loss, out = model(batch)
     assert out["logits"].shape == (16,) and torch.isfinite(loss)
     loss.backward()
@@ -70,11 +70,11 @@ def test_inference_runs_the_configured_number_of_denoiser_steps():
     calls = []
     model.denoiser.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        model(random_batch(cfg))
+        model(model.prepare_batch(random_batch(cfg)))
     assert len(calls) == 20
     model.train()
     calls.clear()
-    model(random_batch(cfg))
+    model(model.prepare_batch(random_batch(cfg)))
     assert len(calls) == 1  # one-step x̂0 while training
 
 
@@ -84,7 +84,7 @@ def test_purified_interest_depends_on_the_condition():
     model = CDPModel(cfg).eval()
     batch = random_batch(cfg)
     with torch.no_grad():
-        _, out = model(batch)
+        _, out = model(model.prepare_batch(batch))
         # Same observations, other contexts -> other purified interests.
         jt = batch.sparse.to_dict()
         hour = jt["hour"].values()
@@ -93,6 +93,6 @@ def test_purified_interest_depends_on_the_condition():
         values[offset:offset + 16] = (hour + 5) % 24
         other = Batch(KeyedJaggedTensor(keys=batch.sparse.keys(), values=values, lengths=batch.sparse.lengths()),
                       batch.labels, batch.user_ids, batch.request_ids)
-        _, out2 = model(other)
+        _, out2 = model(model.prepare_batch(other))
     assert not torch.allclose(out["purified"], out2["purified"])
     assert out["gate"].shape == (16, 3) and torch.allclose(out["gate"].sum(-1), torch.ones(16))

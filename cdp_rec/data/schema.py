@@ -93,6 +93,20 @@ class Batch(Pipelineable):
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @staticmethod
+    def concat(batches: "list[Batch]") -> "Batch":
+        """Stack batches along the sample dimension (same KJT keys, in order)."""
+        keys = batches[0].sparse.keys()
+        dicts = [b.sparse.to_dict() for b in batches]
+        values = torch.cat([d[k].values() for k in keys for d in dicts])
+        lengths = torch.cat([d[k].lengths().to(torch.int64) for k in keys for d in dicts])
+        return Batch(
+            sparse=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
+            labels=torch.cat([b.labels for b in batches]),
+            user_ids=torch.cat([b.user_ids for b in batches]),
+            request_ids=torch.cat([b.request_ids for b in batches]),
+        )
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
             sparse=self.sparse.to(device=device, non_blocking=non_blocking),

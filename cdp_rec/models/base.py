@@ -32,9 +32,13 @@ class BaseModel(nn.Module):
         self.ebc = build_embedding_bag_collection(table_specs(cfg.features, (HIST_ITEMS,)), dim, device)
         self.ranker = RankingHead(dim * (len(self.single_features) + 1), cfg.model.ranker_hidden)
 
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Data-side preparation before ``forward``: nothing for the base model."""
+        return batch
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
         emb = self.ebc(batch.sparse).to_dict()
         x = torch.cat([emb[k] for k in self.single_features] + [emb[HIST_ITEMS]], dim=-1)
         logits = self.ranker(x)
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        return bce, {"logits": logits.detach(), "bce": bce.detach()}
+        return bce, {"loss": bce.detach(), "logits": logits.detach(), "bce": bce.detach()}

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch
@@ -47,7 +48,7 @@ from cdp_rec.models.conditions import CollaborativeCondition, FeatureCondition, 
 from cdp_rec.models.denoiser import MLPDenoiser
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.ranker import RankingHead
-from embeddings.pooling import with_filtered_history
+from embeddings.pooling import filter_history_by_category
 from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
 
 HIST_MATCH = "hist_match_item_ids"
@@ -102,11 +103,31 @@ class CDPModel(nn.Module):
         """Inference: K reverse steps from the noised observation -> ``[B, D]``."""
         return self.diffusion.reverse(self.diffusion.start_state(x0), lambda x, t: self.denoiser(x, t, c))
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
-        lookup, counts = with_filtered_history(
-            batch.sparse, self.single_features, HIST_ITEMS, HIST_CATEGORIES, "category_id", HIST_MATCH
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Add the category-filtered history to the batch's KJT (data side, before the model).
+
+        Done outside ``forward`` so the sharded lookup's input comes straight from the
+        batch: TorchRec's TrainPipelineSparseDist can then start the input all-to-all
+        of the next batch while this one computes. The filter compacts jagged ids
+        (:func:`embeddings.pooling.filter_history_by_category`), never a ``[B, L]`` mask.
+        """
+        kjt = batch.sparse
+        jt = kjt.to_dict()
+        hist = jt[HIST_ITEMS]
+        values, counts = filter_history_by_category(
+            hist.values(), jt[HIST_CATEGORIES].values(), hist.lengths(), jt["category_id"].values()
         )
-        emb = self.ebc(lookup).to_dict()
+        sparse = KeyedJaggedTensor.from_lengths_sync(
+            keys=[*kjt.keys(), HIST_MATCH],
+            values=torch.cat([kjt.values(), values]),
+            lengths=torch.cat([kjt.lengths().to(torch.int64), counts]),
+        )
+        return Batch(sparse, batch.labels, batch.user_ids, batch.request_ids)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
+        """``batch`` must come from :meth:`prepare_batch`."""
+        emb = self.ebc(batch.sparse).to_dict()
+        counts = batch.sparse[HIST_MATCH].lengths()
         x0 = emb[HIST_MATCH]
         c, gate = self.condition(emb)
 
@@ -134,6 +155,7 @@ class CDPModel(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
         loss = bce + self.loss_weight * mse
         out: ModelOutput = {
+            "loss": loss.detach(),
             "logits": logits.detach(),
             "bce": bce.detach(),
             "diffusion_mse": mse.detach(),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from cdp_rec.config import TrainConfig
 
@@ -52,3 +54,19 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
         sparse=torch.optim.Adam(sparse, lr=cfg.sparse_lr),
         dense=torch.optim.Adam(dense, lr=cfg.dense_lr),
     )
+
+
+def build_sharded_optimizer(dmp: nn.Module, cfg: TrainConfig) -> KeyedOptimizer:
+    """Fused sparse optimizer (already applied in backward) + Adam for everything else.
+
+    Tables the plan made data-parallel are ordinary (dense-kernel) parameters; they keep
+    the sparse learning rate.
+    """
+    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    tables = {n: p for n, p in params.items() if ".embedding_bags." in n}
+    dense = {n: p for n, p in params.items() if n not in tables}
+    optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]  # type: ignore[list-item]
+    optimizers.append(KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)))
+    if tables:
+        optimizers.append(KeyedOptimizerWrapper(tables, lambda ps: torch.optim.Adam(ps, lr=cfg.sparse_lr)))
+    return CombinedOptimizer(optimizers)

@@ -1,31 +1,45 @@
-"""Single-process training loop: stream the training days in order, evaluate on the test days.
+"""Training loop: stream the training days in order, evaluate on the test days.
 
-Writes ``<run_dir>/<run_name>/config.yaml`` and ``metrics.json`` (AUC, UAUC, GAUC and
-their alternative weightings, model name, config hash, sample counts, timings).
+One loop for both modes:
+
+* single process (plain ``cdp-rec train``): the unsharded model, torch Adam for sparse
+  and dense parameters (the paper's optimizer);
+* distributed (started by torchrun / torchx, ``WORLD_SIZE`` set): the model wrapped in
+  DistributedModelParallel with the plan of :func:`embeddings.sharding.plan_sharding`,
+  each rank reading its own disjoint slice of the Parquet files, TorchRec's
+  TrainPipelineSparseDist overlapping the input all-to-all with compute, and the
+  evaluation gathered from every rank before AUC / UAUC / GAUC are computed.
+
+Writes ``<run_dir>/<run_name>/config.yaml``, ``metrics.json`` and, when sharded,
+``plan.json`` (rank 0 only).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from torch import nn
+import torch.distributed as dist
 from tqdm import tqdm
 
-from cdp_rec.config import JobConfig, save_config
+from cdp_rec.config import ConfigError, JobConfig, save_config
 from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spec, list_day_files
 from cdp_rec.data.schema import Batch
-from cdp_rec.metrics import CTRMetrics, MetricAccumulator
+from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
-from cdp_rec.training.optim import build_optimizers
+from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
+from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer
+from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
+from embeddings.state import load_full_state
 
 log = logging.getLogger(__name__)
 
@@ -70,69 +84,208 @@ def run_name(cfg: JobConfig) -> str:
     return cfg.train.run_name or f"{cfg.model.name}-{cfg.hash()}"
 
 
-def evaluate(model: nn.Module, batches: Iterable[Batch]) -> CTRMetrics:
-    """Score every batch in eval mode and compute AUC / UAUC / GAUC."""
-    acc = MetricAccumulator()
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for batch in batches:
-            _, out = model(batch)
-            acc.update(torch.sigmoid(out["logits"]), batch.labels, batch.user_ids, batch.request_ids)
-    model.train(was_training)
-    return acc.compute()
+def local_batch_size(cfg: JobConfig, world_size: int, batch_size: int | None = None) -> int:
+    bs = cfg.train.batch_size if batch_size is None else batch_size
+    if cfg.train.batch_size_scope == "per_rank":
+        return bs
+    if bs % world_size:
+        raise ConfigError(
+            f"train.batch_size={bs} is a global batch (train.batch_size_scope=global) and must be "
+            f"divisible by the world size {world_size}"
+        )
+    return bs // world_size
+
+
+class Trainer:
+    """Owns the model (sharded or not), its optimizers and the step / eval mechanics.
+
+    Args:
+        cfg: the job config.
+        ctx: the process group context, or None for a single unsharded process.
+    """
+
+    def __init__(self, cfg: JobConfig, ctx: DistContext | None = None) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        torch.manual_seed(cfg.train.seed)
+        sharded_init = ctx is not None and cfg.sharding.init == "sharded"
+        self.model = build_model(cfg, device="meta" if sharded_init else "cpu")
+        self.plan_rows: list[dict[str, Any]] = []
+        self.pipeline = None
+        if ctx is None:
+            self.module: torch.nn.Module = self.model
+            self.optimizer: Any = build_optimizers(self.model, cfg.train)
+            self.device = torch.device("cpu")
+            self.optimizer_note = "sparse optimizer: torch Adam over the unsharded tables"
+            return
+        full = None if sharded_init else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        dmp, plan = shard_model(cfg, self.model, ctx.device, ctx.world_size, ctx.local_world_size, dist.group.WORLD)
+        if full is not None:
+            load_full_state(dmp, full)
+        self.module, self.device = dmp, ctx.device
+        self.plan_rows = describe_plan(plan)
+        self.optimizer = build_sharded_optimizer(dmp, cfg.train)
+        self.optimizer_note = sparse_optimizer_choice(cfg.sharding, ctx.device.type).note.format(lr=cfg.train.sparse_lr)
+        if cfg.sharding.pipeline:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(self.module, self.optimizer, ctx.device, execute_all_batches=True)
+
+    # ------------------------------------------------------------------ training
+
+    def train_steps(self, batches: Iterable[Batch], on_step: Callable[[dict[str, torch.Tensor]], None]) -> int:
+        """Run one optimizer step per batch; ``on_step`` sees each step's output dict."""
+        self.module.train()
+        prepared: Iterator[Batch] = (self.model.prepare_batch(b) for b in batches)
+        steps = 0
+        if self.pipeline is not None:
+            if not getattr(self.pipeline, "_model_attached", True):
+                self.pipeline.attach(self.module)
+            while True:
+                try:
+                    out = self.pipeline.progress(prepared)
+                except StopIteration:
+                    break
+                self._check_finite(out, steps)
+                on_step(out)
+                steps += 1
+            return steps
+        for batch in prepared:
+            loss, out = self.module(batch.to(self.device))
+            self._check_finite(out, steps)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            on_step(out)
+            steps += 1
+        return steps
+
+    @staticmethod
+    def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
+        if not torch.isfinite(out["loss"]).all():
+            raise TrainingError(
+                f"non-finite loss {out['loss'].item()} at step {step} (bce={out['bce'].item()}); "
+                "lower the learning rates or check the data"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, reader: ParquetBatchReader) -> CTRMetrics:
+        """Score every row of ``reader`` (this rank's files) and compute the metrics over all ranks.
+
+        Sharded forwards are collectives, so every rank runs the same number of batches:
+        a rank that runs out repeats its last batch and throws those scores away.
+        """
+        if self.pipeline is not None:
+            self.pipeline.detach()  # restore the sharded modules' own forward for eval
+        acc = MetricAccumulator()
+        self.module.eval()
+        n_local = reader.num_batches()
+        n = all_reduce_int(n_local, dist.ReduceOp.MAX) if self.ctx is not None else n_local
+        with torch.no_grad():
+            it = iter(reader)
+            last: Batch | None = None
+            for i in range(n):
+                real = i < n_local
+                batch = next(it) if real else last
+                if batch is None:  # nothing to repeat: this rank has no evaluation rows at all
+                    raise DataError(f"rank {self.ctx.rank if self.ctx else 0} has no evaluation rows; "
+                                    "use fewer ranks or more files per day")
+                last = batch
+                _, out = self.module(self.model.prepare_batch(batch).to(self.device))
+                if real:
+                    acc.update(torch.sigmoid(out["logits"]), batch.labels, batch.user_ids, batch.request_ids)
+        self.module.train()
+        if self.ctx is None:
+            return acc.compute()
+        return compute_ctr_metrics(**gather_arrays(acc.state()))
+
+
+def _equal_steps(reader: ParquetBatchReader, ctx: DistContext | None, what: str) -> Iterator[Batch]:
+    """This rank's batches, cut to the count every rank has (collectives need equal steps)."""
+    n_local = reader.num_batches()
+    if ctx is None:
+        return iter(reader)
+    n = all_reduce_int(n_local, dist.ReduceOp.MIN)
+    if n < n_local:
+        log.warning(
+            "rank %d: %s has %d batches but the smallest rank has %d; skipping this rank's last %d "
+            "batches so every rank steps together (balance the files per day to avoid this)",
+            ctx.rank, what, n_local, n, n_local - n,
+        )
+    return itertools.islice(iter(reader), n)
 
 
 def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
-    """Train ``cfg.model.name`` on the training days, evaluate on the test days."""
-    root = Path(data_root or cfg.data.root)
-    ensure_data(cfg, root)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    model.train()
-    optim = build_optimizers(model, cfg.train)
+    """Train ``cfg.model.name`` on the training days, evaluate on the test days.
 
+    Distributed when launched by torchrun / torchx (``WORLD_SIZE`` in the environment).
+    """
+    ctx = init_from_env(cfg.sharding.compute_device) if launched_distributed() else None
+    try:
+        return _train(cfg, Path(data_root or cfg.data.root), ctx)
+    finally:
+        if ctx is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
+    is_main = ctx is None or ctx.is_main
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    if is_main:
+        ensure_data(cfg, root)
+    if ctx is not None:
+        dist.barrier()  # the others wait for rank 0 to (maybe) generate the data
+        check_dataset_spec(root, cfg.features)
+    bs = local_batch_size(cfg, world)
+    eval_bs = local_batch_size(cfg, world, cfg.train.eval_batch_size) if cfg.train.batch_size_scope == "global" \
+        else cfg.train.eval_batch_size
+
+    trainer = Trainer(cfg, ctx)
     out_dir = Path(cfg.train.run_dir) / run_name(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        log.info(trainer.optimizer_note)
+        if trainer.plan_rows:
+            log.info("sharding plan (world size %d):\n%s", world, format_plan(trainer.plan_rows))
+            (out_dir / "plan.json").write_text(json.dumps(trainer.plan_rows, indent=2) + "\n")
 
     train_days = list(range(cfg.data.train_days))
     test_days = list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
     day_files = {d: list_day_files(root, d) for d in train_days + test_days}
-    total_train = num_rows(f for d in train_days for f in day_files[d]) * cfg.train.epochs
+    total = num_rows(f for d in train_days for f in day_files[d]) * cfg.train.epochs
 
-    bs = cfg.train.batch_size
-    seen, step = 0, 0
+    def train_batches() -> Iterator[Batch]:
+        for epoch in range(cfg.train.epochs):
+            for day in train_days:
+                state["day"] = day
+                reader = ParquetBatchReader(day_files[day], cfg.features, bs, rank=rank, world_size=world)
+                yield from _equal_steps(reader, ctx, f"day {day}")
+
+    state: dict[str, Any] = {"day": train_days[0], "seen": 0, "steps": 0, "loss": None}
+    bar = tqdm(total=total, unit="sample", disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
     t0 = time.perf_counter()
-    bar = tqdm(total=total_train, unit="sample", disable=not cfg.train.progress, desc=f"train {cfg.model.name}")
-    running = None
-    for epoch in range(cfg.train.epochs):
-        for day in train_days:
-            for batch in ParquetBatchReader(day_files[day], cfg.features, bs):
-                loss, out = model(batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss {loss.item()} at epoch {epoch}, day {day}, step {step} "
-                        f"(bce={out['bce'].item()}); lower the learning rates or check the data"
-                    )
-                optim.zero_grad()
-                loss.backward()
-                optim.step()
-                step += 1
-                seen += len(batch)
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                bar.update(len(batch))
-                if step % cfg.train.log_every == 0 or seen == total_train:
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{rate:,.0f}", day=day)
-                    if not cfg.train.progress:
-                        log.info("epoch %d day %d step %d loss %.4f %.0f samples/s", epoch, day, step, running, rate)
+
+    def on_step(out: dict[str, torch.Tensor]) -> None:
+        n = out["logits"].numel() * world  # global samples this step (ranks step together)
+        state["seen"] += n
+        state["steps"] += 1
+        loss = out["loss"].item()
+        state["loss"] = loss if state["loss"] is None else 0.98 * state["loss"] + 0.02 * loss
+        bar.update(n)
+        if state["steps"] % cfg.train.log_every == 0:
+            rate = state["seen"] / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{state['loss']:.4f}", samples_s=f"{rate:,.0f}", day=state["day"])
+            if is_main and not cfg.train.progress:
+                log.info("day %d step %d loss %.4f %.0f samples/s", state["day"], state["steps"], state["loss"], rate)
+
+    trainer.train_steps(train_batches(), on_step)
     bar.close()
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     eval_files = [f for d in test_days for f in day_files[d]]
-    metrics = evaluate(model, ParquetBatchReader(eval_files, cfg.features, cfg.train.eval_batch_size))
+    metrics = trainer.evaluate(ParquetBatchReader(eval_files, cfg.features, eval_bs, rank=rank, world_size=world))
     eval_seconds = time.perf_counter() - t1
 
     result: dict[str, Any] = {
@@ -140,19 +293,22 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
         "ablation": cfg.model.ablation,
         "config_hash": cfg.hash(),
         "data_root": str(root),
+        "world_size": world,
+        "sparse_optimizer": trainer.optimizer_note,
         "train_days": train_days,
         "test_days": test_days,
         **metrics.to_dict(),
-        "num_train_samples": seen,
+        "num_train_samples": state["seen"],
         "num_eval_samples": metrics.num_samples,
-        "train_steps": step,
+        "train_steps": state["steps"],
         "train_seconds": round(train_seconds, 3),
-        "train_samples_per_s": round(seen / max(train_seconds, 1e-9), 1),
+        "train_samples_per_s": round(state["seen"] / max(train_seconds, 1e-9), 1),
         "eval_seconds": round(eval_seconds, 3),
-        "final_train_loss": running,
+        "final_train_loss": state["loss"],
     }
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    return TrainResult(out_dir, result)
+    if is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    return TrainResult(out_dir, _jsonable(result))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
