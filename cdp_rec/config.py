@@ -437,5 +437,10 @@ def _apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
     return data
 
 
+def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> JobConfig:
+    """Rebuild a JobConfig from ``JobConfig.to_dict()`` output (e.g. sent to spawned ranks)."""
+    return _build(JobConfig, data, "", where).validate(where)
+
+
 def save_config(cfg: JobConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

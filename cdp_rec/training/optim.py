@@ -7,8 +7,6 @@ DistributedModelParallel the sparse side becomes TorchRec's fused optimizer inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
@@ -18,41 +16,32 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from cdp_rec.config import TrainConfig
 
 
-@dataclass
-class Optimizers:
-    sparse: torch.optim.Optimizer
-    dense: torch.optim.Optimizer
-
-    def zero_grad(self) -> None:
-        self.sparse.zero_grad(set_to_none=True)
-        self.dense.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.sparse.step()
-        self.dense.step()
-
-    def state_dict(self) -> dict:
-        return {"sparse": self.sparse.state_dict(), "dense": self.dense.state_dict()}
-
-
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(sparse, dense)``: parameters of embedding collections vs everything else."""
+def split_parameters(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+    """``(sparse, dense)`` named parameters: embedding collections vs everything else."""
     sparse_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             sparse_ids.update(id(p) for p in module.parameters())
-    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
-    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    named = dict(model.named_parameters())
+    sparse = {n: p for n, p in named.items() if id(p) in sparse_ids}
+    dense = {n: p for n, p in named.items() if id(p) not in sparse_ids}
     return sparse, dense
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
+    """Unsharded: torch Adam for the tables (sparse lr) and for the dense layers (dense lr).
+
+    Keyed by parameter name (TorchRec's KeyedOptimizer), so the optimizer state has the
+    same layout as the sharded path's and checkpoints address it by name.
+    """
     sparse, dense = split_parameters(model)
     if not sparse or not dense:
         raise ValueError(f"model has {len(sparse)} sparse and {len(dense)} dense parameters; expected both")
-    return Optimizers(
-        sparse=torch.optim.Adam(sparse, lr=cfg.sparse_lr),
-        dense=torch.optim.Adam(dense, lr=cfg.dense_lr),
+    return CombinedOptimizer(
+        [
+            KeyedOptimizerWrapper(sparse, lambda ps: torch.optim.Adam(ps, lr=cfg.sparse_lr)),
+            KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)),
+        ]
     )
 
 
