@@ -1,4 +1,4 @@
-"""``cdp-rec`` command line: ``gen-data`` and ``train``.
+"""``cdp-rec`` command line: ``gen-data``, ``train`` and ``plan``.
 
 Every subcommand takes ``--config FILE`` (default: the embedded tiny config) and any
 number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = train(cfg, args.data)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     m = result.metrics
     print(
         f"{m['model']}: AUC {_fmt(m['auc'])}  UAUC {_fmt(m['uauc'])}  GAUC {_fmt(m['gauc'])}  "
@@ -44,6 +47,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{m['train_samples_per_s']:.0f} samples/s)"
     )
     print(f"metrics: {result.run_dir / 'metrics.json'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the capacity plan; a plan that does not fit exits 2 naming the tables."""
+    from embeddings import capacity
+
+    cfg = _config(args)
+    try:
+        what_if = capacity.WhatIf(
+            scale_rows=capacity.parse_table_values(args.scale_table, "--scale-table", float),
+            dims=capacity.parse_table_values(args.dim, "--dim", int),
+            dtype=args.dtype,
+            caching=args.caching,
+            cache_load_factor=args.cache_load_factor,
+        )
+        name = args.config or "<embedded default>"
+        steps = None
+        if args.find_min_gpus:
+            report, steps = capacity.find_min_world_size(
+                cfg, args.local_world_size, args.hbm_gb, args.ddr_gb, what_if, args.max_world_size, name
+            )
+        elif args.world_size is None:
+            raise capacity.CapacityError("--world-size is required unless --find-min-gpus is given")
+        else:
+            report = capacity.plan_capacity(
+                cfg, args.world_size, args.local_world_size, args.hbm_gb, args.ddr_gb, what_if, name
+            )
+    except capacity.CapacityError as e:
+        # Imported lazily (TorchRec), so handled here rather than in main()'s except.
+        print(f"cdp-rec plan: error: {e}", file=sys.stderr)
+        return 2
+    print(capacity.report_json(report, steps) if args.json else capacity.format_report(report, steps))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train several models x seeds on the same data; print and write the comparison tables."""
+    from cdp_rec.compare import run_compare
+
+    results = run_compare(args.config, args.set, args.models, args.seeds, args.out, args.quick, args.data)
+    print(results["markdown"], end="")
+    print(f"wrote {Path(args.out) / 'results.md'} and {Path(args.out) / 'results.json'}")
     return 0
 
 
@@ -69,11 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", default=None, help="data root (default: data.root)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="embedding capacity plan: sharding and memory per table and per rank")
+    common(p)
+    p.add_argument("--world-size", type=int, default=None, help="number of devices (required unless --find-min-gpus)")
+    p.add_argument("--local-world-size", type=int, default=8, help="devices per host (default: 8)")
+    p.add_argument("--hbm-gb", type=float, default=None, help="HBM per device, GiB (default: sharding.hbm_gb)")
+    p.add_argument("--ddr-gb", type=float, default=None, help="host memory per device, GiB (default: sharding.ddr_gb)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--find-min-gpus", action="store_true", help="search the smallest world size (whole hosts) that fits")
+    p.add_argument("--max-world-size", type=int, default=1024, help="upper end of --find-min-gpus (default: 1024)")
+    p.add_argument("--scale-table", action="append", default=[], metavar="TABLE=FACTOR", help="what-if: scale a table's rows")
+    p.add_argument("--dim", action="append", default=[], metavar="TABLE=DIM", help="what-if: a table's embedding dim")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None, help="what-if: weight dtype of all tables")
+    p.add_argument("--caching", action="store_true", help="what-if: UVM caching kernel (HBM cache + host DDR)")
+    p.add_argument("--cache-load-factor", type=float, default=0.2, help="with --caching: rows cached in HBM (default 0.2)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="train several models x seeds on the same data and tabulate AUC/UAUC/GAUC")
+    common(p)
+    p.add_argument("--models", default="all", help="'all' or a comma-separated list of model names (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one run per model and seed (default: 3)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    p.add_argument("--quick", action="store_true", help="CI-sized data (20k samples/day) and learning rates")
+    p.add_argument("--data", default=None, help="data root (default: data.root)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # TorchRec logs every pipeline refill at INFO; keep its warnings, drop the chatter.
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from cdp_rec.data.loader import DataError
 
