@@ -36,8 +36,14 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from cdp_rec.training.trainer import train
 
+    from embeddings.capacity import CapacityError
+
     cfg = _config(args)
-    result = train(cfg, args.data)
+    try:
+        result = train(cfg, args.data)
+    except CapacityError as e:  # imported lazily (TorchRec), so handled here
+        print(f"cdp-rec train: error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
     m = result.metrics
@@ -93,6 +99,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score the test days of a data set with a checkpoint (any world size wrote it)."""
+    from cdp_rec.data.loader import ParquetBatchReader, dataset_files
+    from cdp_rec.training.checkpoint import load_unsharded
+    from cdp_rec.training.trainer import Trainer
+
+    model, cfg = load_unsharded(Path(args.checkpoint), args.set)
+    root = Path(args.data or cfg.data.root)
+    days = args.day if args.day else list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
+    trainer = Trainer(cfg, None, model=model)
+    m = trainer.evaluate(ParquetBatchReader(dataset_files(root, days), cfg.features, cfg.train.eval_batch_size))
+    d = m.to_dict()
+    print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {_fmt(d['auc'])}  UAUC {_fmt(d['uauc'])}  "
+          f"GAUC {_fmt(d['gauc'])}  ({d['num_samples']} samples)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cdp_rec.training.checkpoint import export
+
+    manifest = export(Path(args.checkpoint), Path(args.out))
+    print(f"exported {len(manifest['tables'])} tables + dense weights of step {manifest['global_step']} to {args.out}")
+    return 0
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -115,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", default=None, help="data root (default: data.root)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score test days with a checkpoint: AUC / UAUC / GAUC")
+    p.add_argument("--checkpoint", required=True, help="a committed checkpoint directory (.../checkpoints/step-N)")
+    p.add_argument("--data", default=None, help="data root (default: the checkpoint config's data.root)")
+    p.add_argument("--day", type=int, action="append", default=[], help="day(s) to score (default: the test days)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="unsharded serving artifact (tables, dense weights, config) from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="embedding capacity plan: sharding and memory per table and per rank")
     common(p)
@@ -149,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torchrec").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from cdp_rec.data.loader import DataError
+    from cdp_rec.training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"cdp-rec {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -151,7 +151,24 @@ class DiffusionConfig:
             raise ConfigError(f"{where}: model.diffusion.loss_weight must be >= 0")
 
 
-MODEL_NAMES = ("cdp", "base")
+MODEL_NAMES = (
+    "cdp",
+    "base",
+    # Baselines of the paper's Table 1 (and DIN, DiffuMIN), cdp_rec/models/<name>.py.
+    "din",
+    "sim",
+    "twin",
+    "qin",
+    "ddrm",
+    "diffrec",
+    "hstu",
+    "diffumin",
+    # CDP with ``model.ablation`` preset (Table 2); see cdp_rec.models.ABLATION_PRESETS.
+    "cdp_no_condition",
+    "cdp_no_collab",
+    "cdp_no_context",
+    "cdp_no_moe",
+)
 ABLATIONS = ("none", "no_condition", "no_collaborative", "no_context_scene", "no_moe")
 
 
@@ -168,11 +185,23 @@ class ModelConfig:
     ranker_hidden: list[int] = field(default_factory=lambda: [128, 64])
     ablation: str = "none"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Sequence baselines (din, sim, twin, qin, hstu, diffumin): how many behaviours are
+    # looked up unpooled. DIN / HSTU / DiffuMIN attend over the last ``attention_len``;
+    # SIM / TWIN / QIN retrieve ``top_k`` from the whole sequence (FuxiCTR's default 50).
+    attention_len: int = 50
+    top_k: int = 50
+    num_heads: int = 2
+    num_layers: int = 2  # HSTU blocks
+    # DiffuMIN: interest channels and the InfoNCE term aligning generated with genuine interests.
+    num_interests: int = 4
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
 
     def validate(self, where: str) -> None:
         _choice(where, "model.name", self.name, MODEL_NAMES)
         _choice(where, "model.ablation", self.ablation, ABLATIONS)
-        for name in ("embedding_dim", "condition_dim", "condition_hidden", "time_embedding_dim"):
+        for name in ("embedding_dim", "condition_dim", "condition_hidden", "time_embedding_dim", "attention_len",
+                     "top_k", "num_heads", "num_layers", "num_interests", "contrastive_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: model.{name} must be > 0")
         for name in ("denoiser_hidden", "ranker_hidden"):
@@ -202,6 +231,9 @@ class TrainConfig:
     run_name: str = ""  # empty: "<model>-<config hash>"
     progress: bool = True
     log_every: int = 50
+    # Stop after this many steps (0: run every epoch and day). For smoke runs, and to
+    # interrupt a run on purpose; a stopped run is resumable from its checkpoints.
+    max_steps: int = 0
 
     def validate(self, where: str) -> None:
         _choice(where, "train.batch_size_scope", self.batch_size_scope, ("global", "per_rank"))
@@ -256,12 +288,31 @@ class ShardingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded DCP checkpoints (see cdp_rec/training/checkpoint.py)."""
+
+    every_steps: int = 0  # 0: only at day ends / the end
+    at_day_end: bool = True
+    keep_last: int = 2
+    dir: str = ""  # empty: <run_dir>/<run_name>/checkpoints
+    # "auto": continue from the newest committed checkpoint in ``dir`` (what a restarted
+    # torchx job needs); "never": start fresh (existing checkpoints get overwritten).
+    resume: str = "auto"
+
+    def validate(self, where: str) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ConfigError(f"{where}: checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+        _choice(where, "checkpoint.resume", self.resume, ("auto", "never"))
+
+
+@dataclass
 class JobConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, where: str = "<config>") -> "JobConfig":
         self.features.validate(where)
@@ -269,6 +320,7 @@ class JobConfig:
         self.model.validate(where)
         self.train.validate(where)
         self.sharding.validate(where)
+        self.checkpoint.validate(where)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spe
 from cdp_rec.data.schema import Batch
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
+from cdp_rec.training.checkpoint import Checkpointer, Position, table_shapes
 from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
 from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer
 from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
@@ -102,13 +103,15 @@ class Trainer:
     Args:
         cfg: the job config.
         ctx: the process group context, or None for a single unsharded process.
+        model: an already built (e.g. checkpoint-loaded) unsharded model to use.
     """
 
-    def __init__(self, cfg: JobConfig, ctx: DistContext | None = None) -> None:
+    def __init__(self, cfg: JobConfig, ctx: DistContext | None = None, model: torch.nn.Module | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.train.seed)
         sharded_init = ctx is not None and cfg.sharding.init == "sharded"
-        self.model = build_model(cfg, device="meta" if sharded_init else "cpu")
+        self.model = model if model is not None else build_model(cfg, device="meta" if sharded_init else "cpu")
+        self.table_shapes = table_shapes(self.model)  # before DMP swaps the EBC for its sharded twin
         self.plan_rows: list[dict[str, Any]] = []
         self.pipeline = None
         if ctx is None:
@@ -200,11 +203,11 @@ class Trainer:
         return compute_ctr_metrics(**gather_arrays(acc.state()))
 
 
-def _equal_steps(reader: ParquetBatchReader, ctx: DistContext | None, what: str) -> Iterator[Batch]:
-    """This rank's batches, cut to the count every rank has (collectives need equal steps)."""
+def _equal_step_count(reader: ParquetBatchReader, ctx: DistContext | None, what: str) -> int:
+    """Steps every rank can take on ``what`` (sharded forwards are collectives: equal counts)."""
     n_local = reader.num_batches()
     if ctx is None:
-        return iter(reader)
+        return n_local
     n = all_reduce_int(n_local, dist.ReduceOp.MIN)
     if n < n_local:
         log.warning(
@@ -212,7 +215,7 @@ def _equal_steps(reader: ParquetBatchReader, ctx: DistContext | None, what: str)
             "batches so every rank steps together (balance the files per day to avoid this)",
             ctx.rank, what, n_local, n, n_local - n,
         )
-    return itertools.islice(iter(reader), n)
+    return n
 
 
 def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
@@ -228,6 +231,17 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
             dist.destroy_process_group()
 
 
+def preflight_capacity(cfg: JobConfig, world_size: int, local_world_size: int) -> None:
+    """Fail before sharding when the tables (with optimizer state) cannot fit the topology.
+
+    The same check as ``cdp-rec plan``: raises CapacityError naming the tables and the
+    memory they need vs have, instead of an OOM or a bare planner error mid start-up.
+    """
+    from embeddings.capacity import plan_capacity
+
+    plan_capacity(cfg, world_size, local_world_size)
+
+
 def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     is_main = ctx is None or ctx.is_main
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
@@ -236,6 +250,8 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     if ctx is not None:
         dist.barrier()  # the others wait for rank 0 to (maybe) generate the data
         check_dataset_spec(root, cfg.features)
+    if ctx is not None:
+        preflight_capacity(cfg, world, ctx.local_world_size)
     bs = local_batch_size(cfg, world)
     eval_bs = local_batch_size(cfg, world, cfg.train.eval_batch_size) if cfg.train.batch_size_scope == "global" \
         else cfg.train.eval_batch_size
@@ -253,18 +269,64 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     train_days = list(range(cfg.data.train_days))
     test_days = list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
     day_files = {d: list_day_files(root, d) for d in train_days + test_days}
-    total = num_rows(f for d in train_days for f in day_files[d]) * cfg.train.epochs
+
+    def reader(day: int) -> ParquetBatchReader:
+        return ParquetBatchReader(day_files[day], cfg.features, bs, rank=rank, world_size=world)
+
+    # The schedule (epoch, day, steps) is fixed up front from Parquet footers, so a
+    # checkpoint's global step maps back to an exact (day, batch) on resume.
+    day_steps = {d: _equal_step_count(reader(d), ctx, f"day {d}") for d in train_days}
+    schedule = [(e, d, day_steps[d]) for e in range(cfg.train.epochs) for d in train_days]
+    day_ends = set(itertools.accumulate(n for _, _, n in schedule))
+    total_steps = sum(n for _, _, n in schedule)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    ckpt = Checkpointer(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints",
+                        cfg.checkpoint.keep_last)
+    checkpointing = cfg.checkpoint.at_day_end or cfg.checkpoint.every_steps > 0
+    pos = Position()
+    latest = ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+    start = 0
+    if latest is not None:
+        pos, meta = ckpt.load(trainer, latest)
+        start = pos.global_step
+        if (meta.get("world_size"), meta.get("local_batch_size")) != (world, bs):
+            # Another world size cuts the days into other batches: restart the day the
+            # checkpoint was in (day-end checkpoints therefore resume exactly).
+            done = 0
+            for _, _, n in schedule:
+                if done + n > start:
+                    break
+                done += n
+            log.warning("resuming a checkpoint of world size %s on %d ranks: restarting its day at step %d "
+                        "(exact continuation needs the same world size and batch size)",
+                        meta.get("world_size"), world, done)
+            start = done
+        if is_main:
+            log.info("resumed from %s at global step %d (%d samples seen)", latest, start, pos.samples)
 
     def train_batches() -> Iterator[Batch]:
-        for epoch in range(cfg.train.epochs):
-            for day in train_days:
-                state["day"] = day
-                reader = ParquetBatchReader(day_files[day], cfg.features, bs, rank=rank, world_size=world)
-                yield from _equal_steps(reader, ctx, f"day {day}")
+        done = 0
+        for epoch, day, n in schedule:
+            if done + n <= start:
+                done += n
+                continue
+            state["day"] = day
+            first = max(0, start - done)
+            stop = n if not cfg.train.max_steps else min(n, cfg.train.max_steps - done)
+            if stop > first:
+                yield from itertools.islice(iter(reader(day)), first, stop)
+            done += n
+            if cfg.train.max_steps and done >= cfg.train.max_steps:
+                return
 
-    state: dict[str, Any] = {"day": train_days[0], "seen": 0, "steps": 0, "loss": None}
-    bar = tqdm(total=total, unit="sample", disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
+    state: dict[str, Any] = {"day": train_days[0], "seen": pos.samples, "steps": start, "loss": None}
+    per_step_rows = cfg.train.batch_size if cfg.train.batch_size_scope == "global" else bs * world
+    bar = tqdm(total=total_steps * per_step_rows, initial=min(start, total_steps) * per_step_rows, unit="sample",
+               disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
     t0 = time.perf_counter()
+    seen_at_start = state["seen"]
 
     def on_step(out: dict[str, torch.Tensor]) -> None:
         n = out["logits"].numel() * world  # global samples this step (ranks step together)
@@ -273,13 +335,21 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         loss = out["loss"].item()
         state["loss"] = loss if state["loss"] is None else 0.98 * state["loss"] + 0.02 * loss
         bar.update(n)
-        if state["steps"] % cfg.train.log_every == 0:
-            rate = state["seen"] / max(time.perf_counter() - t0, 1e-9)
+        step = state["steps"]
+        if step % cfg.train.log_every == 0:
+            rate = (state["seen"] - seen_at_start) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{state['loss']:.4f}", samples_s=f"{rate:,.0f}", day=state["day"])
             if is_main and not cfg.train.progress:
-                log.info("day %d step %d loss %.4f %.0f samples/s", state["day"], state["steps"], state["loss"], rate)
+                log.info("day %d step %d loss %.4f %.0f samples/s", state["day"], step, state["loss"], rate)
+        every = cfg.checkpoint.every_steps
+        if (every and step % every == 0) or (cfg.checkpoint.at_day_end and step in day_ends) or (
+            checkpointing and step == total_steps
+        ):
+            final = step == sum(n for _, _, n in schedule)
+            ckpt.save(trainer, Position(step, state["seen"], final), {"local_batch_size": bs})
 
-    trainer.train_steps(train_batches(), on_step)
+    if not pos.final:
+        trainer.train_steps(train_batches(), on_step)
     bar.close()
     train_seconds = time.perf_counter() - t0
 
@@ -299,10 +369,11 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         "test_days": test_days,
         **metrics.to_dict(),
         "num_train_samples": state["seen"],
+        "resumed_from_step": start,
         "num_eval_samples": metrics.num_samples,
         "train_steps": state["steps"],
         "train_seconds": round(train_seconds, 3),
-        "train_samples_per_s": round(state["seen"] / max(train_seconds, 1e-9), 1),
+        "train_samples_per_s": round((state["seen"] - seen_at_start) / max(train_seconds, 1e-9), 1),
         "eval_seconds": round(eval_seconds, 3),
         "final_train_loss": state["loss"],
     }
