@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -258,6 +259,10 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
 
     trainer = Trainer(cfg, ctx)
     out_dir = Path(cfg.train.run_dir) / run_name(cfg)
+    if ctx is not None:
+        # Which process is which rank: operators (and the fault-tolerance test) kill by pid.
+        (out_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (out_dir / "pids" / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
