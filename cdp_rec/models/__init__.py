@@ -1,6 +1,15 @@
-"""Model zoo: ``build_model(cfg)`` picks the model named by ``cfg.model.name``."""
+"""Model zoo: ``build_model(cfg)`` picks the model named by ``cfg.model.name``.
+
+Every model has the same contract: ``__init__(cfg, device)``, ``prepare_batch(batch)``
+(data-side work before ``forward``) and ``forward(batch) -> (loss, out)`` with
+detached ``out["loss"]``, ``out["logits"]`` ``[B]`` and ``out["bce"]``. The
+``cdp_no_*`` names are CDP with ``model.ablation`` preset (paper Table 2).
+"""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -8,8 +17,54 @@ from torch import nn
 from cdp_rec.config import ConfigError, JobConfig
 from cdp_rec.models.base import BaseModel
 from cdp_rec.models.cdp import CDPModel
+from cdp_rec.models.ddrm import DDRMModel
+from cdp_rec.models.diffrec import DiffRecModel
+from cdp_rec.models.diffumin import DiffuMINModel
+from cdp_rec.models.din import DINModel
+from cdp_rec.models.hstu import HSTUModel
+from cdp_rec.models.qin import QINModel
+from cdp_rec.models.sim import SIMModel
+from cdp_rec.models.twin import TWINModel
 
-MODELS: dict[str, type[nn.Module]] = {"cdp": CDPModel, "base": BaseModel}
+ModelFactory = Callable[[JobConfig, "torch.device | str"], nn.Module]
+
+# model name -> model.ablation of CDPModel.
+ABLATION_PRESETS: dict[str, str] = {
+    "cdp_no_condition": "no_condition",
+    "cdp_no_collab": "no_collaborative",
+    "cdp_no_context": "no_context_scene",
+    "cdp_no_moe": "no_moe",
+}
+
+
+def _cdp_ablation(ablation: str) -> ModelFactory:
+    def build(cfg: JobConfig, device: torch.device | str = "cpu") -> nn.Module:
+        if cfg.model.ablation not in ("none", ablation):
+            raise ConfigError(
+                f"model.name={cfg.model.name} presets model.ablation={ablation}; "
+                f"got model.ablation={cfg.model.ablation}"
+            )
+        cfg = copy.deepcopy(cfg)
+        cfg.model.ablation = ablation
+        return CDPModel(cfg, device)
+
+    build.__name__ = f"cdp_{ablation}"
+    return build
+
+
+MODELS: dict[str, ModelFactory] = {
+    "cdp": CDPModel,
+    "base": BaseModel,
+    "din": DINModel,
+    "sim": SIMModel,
+    "twin": TWINModel,
+    "qin": QINModel,
+    "ddrm": DDRMModel,
+    "diffrec": DiffRecModel,
+    "hstu": HSTUModel,
+    "diffumin": DiffuMINModel,
+    **{name: _cdp_ablation(ablation) for name, ablation in ABLATION_PRESETS.items()},
+}
 
 
 def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> nn.Module:

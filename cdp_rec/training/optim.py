@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -17,10 +17,10 @@ from cdp_rec.config import TrainConfig
 
 
 def split_parameters(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
-    """``(sparse, dense)`` named parameters: embedding collections vs everything else."""
+    """``(sparse, dense)`` named parameters: embedding (bag) collections vs everything else."""
     sparse_ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
             sparse_ids.update(id(p) for p in module.parameters())
     named = dict(model.named_parameters())
     sparse = {n: p for n, p in named.items() if id(p) in sparse_ids}

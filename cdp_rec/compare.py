@@ -1,0 +1,283 @@
+"""``cdp-rec compare``: train several models on the same data for several seeds and tabulate.
+
+Every (model, seed) run is an ordinary :func:`cdp_rec.training.trainer.train` call on
+the same config, data root and test day(s), with ``--set model.name=<model>`` and
+``--set train.seed=<seed>`` added, so the runs differ only in the model and its
+initialisation / noise draws (the data set is generated once, by its own
+``data.seed``). The report is the paper's Table 1 (baselines vs CDP) and, when CDP
+ablations were run, Table 2: AUC / UAUC / GAUC as mean ± sample std over the seeds,
+training throughput (samples/s, from ``metrics.json``) and inference latency.
+
+Inference latency (ms/batch) is measured separately from the evaluation pass: a fresh
+model of the same config scores the first ``train.eval_batch_size`` rows of the test
+day — ``prepare_batch`` + ``forward`` under ``torch.no_grad`` in eval mode, the fastest
+of a few repetitions after one warm-up (robust to other load on the machine), data
+reading excluded. The cost of a forward does
+not depend on the weights, so an untrained model times the same as the trained one.
+
+Outputs (``--out``, default ``runs/compare``): ``results.md``, ``results.json`` (every
+run's metrics plus the summary), the runs' own ``<model>-<hash>/`` directories and, if
+matplotlib is importable, ``results.png`` (AUC bars with std error bars).
+
+Timings on a shared or loaded machine are noisy; compare them within one report only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdp_rec.config import ConfigError, JobConfig, load_config
+
+log = logging.getLogger(__name__)
+
+# Paper Table 1 order (the base model and our extra baselines around it), then Table 2.
+TABLE1_ORDER = ("base", "din", "sim", "qin", "twin", "hstu", "ddrm", "diffrec", "diffumin", "cdp")
+TABLE2_ORDER = ("cdp_no_condition", "cdp_no_collab", "cdp_no_context", "cdp_no_moe", "cdp")
+DISPLAY = {
+    "base": "Base (mean pooling)",
+    "din": "DIN",
+    "sim": "SIM",
+    "qin": "QIN",
+    "twin": "TWIN",
+    "hstu": "HSTU",
+    "ddrm": "DDRM",
+    "diffrec": "DiffRec",
+    "diffumin": "DiffuMIN",
+    "cdp": "CDP",
+    "cdp_no_condition": "No condition",
+    "cdp_no_collab": "No collaborative",
+    "cdp_no_context": "No other conditions",
+    "cdp_no_moe": "No MoE fusion",
+}
+METRICS = ("auc", "uauc", "gauc")
+
+# ``--quick``: a CI-sized data set and learning rates that show learning on it.
+QUICK_OVERRIDES = (
+    "data.samples_per_day=20000",
+    "data.rows_per_file=10000",
+    "data.row_group_size=5000",
+    "train.batch_size=512",
+    "train.dense_lr=0.003",
+    "train.sparse_lr=0.01",
+)
+
+
+def resolve_models(spec: str) -> list[str]:
+    """``"all"`` or a comma-separated list -> model names in table order; unknown names are an error."""
+    from cdp_rec.models import MODELS
+
+    order = list(dict.fromkeys([*TABLE1_ORDER, *TABLE2_ORDER, *MODELS]))
+    if spec.strip() == "all":
+        return [m for m in order if m in MODELS]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ConfigError(f"--models: unknown model(s) {unknown or [spec]}; known: all, {', '.join(sorted(MODELS))}")
+    return sorted(dict.fromkeys(names), key=order.index)
+
+
+@dataclass
+class Summary:
+    """One model's numbers over the seeds."""
+
+    model: str
+    seeds: list[int]
+    mean: dict[str, float | None] = field(default_factory=dict)
+    std: dict[str, float | None] = field(default_factory=dict)
+    train_samples_per_s: float = 0.0
+    inference_ms_per_batch: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "seeds": self.seeds,
+            "mean": self.mean,
+            "std": self.std,
+            "train_samples_per_s": self.train_samples_per_s,
+            "inference_ms_per_batch": self.inference_ms_per_batch,
+        }
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[Summary]:
+    """Group run records (``{"model", "seed", "metrics", "inference_ms_per_batch"}``) by model."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    out = []
+    for model, rs in by_model.items():
+        s = Summary(model, [r["seed"] for r in rs])
+        for k in METRICS:
+            s.mean[k], s.std[k] = _mean_std([r["metrics"].get(k) for r in rs])
+        s.train_samples_per_s = statistics.fmean(r["metrics"]["train_samples_per_s"] for r in rs)
+        s.inference_ms_per_batch = statistics.fmean(r["inference_ms_per_batch"] for r in rs)
+        out.append(s)
+    return out
+
+
+def measure_inference_ms(cfg: JobConfig, root: Path, reps: int = 5) -> float:
+    """Fastest ms of ``prepare_batch`` + ``forward`` (eval, no grad) on one eval batch of the test day."""
+    from cdp_rec.data.loader import ParquetBatchReader, list_day_files
+    from cdp_rec.models import build_model
+
+    files = list_day_files(root, cfg.data.train_days)
+    batch = next(iter(ParquetBatchReader(files, cfg.features, cfg.train.eval_batch_size)))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).eval()
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            model(model.prepare_batch(batch))
+            if i:  # the first call warms up
+                times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def _fmt(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def markdown(summaries: list[Summary], header: dict[str, Any]) -> str:
+    """The report: Table 1 (every non-ablation model), Table 2 (ablations + CDP) when ablations ran."""
+    by_name = {s.model: s for s in summaries}
+    n_seeds = max((len(s.seeds) for s in summaries), default=0)
+    metric_hdr = " | ".join(k.upper() + (" (mean ± std)" if n_seeds > 1 else "") for k in METRICS)
+
+    def table(names: list[str]) -> list[str]:
+        lines = [
+            f"| Model | {metric_hdr} | train samples/s | inference ms/batch |",
+            "|---|" + "---|" * (len(METRICS) + 2),
+        ]
+        for name in names:
+            s = by_name[name]
+            cells = [_fmt(s.mean[k], s.std[k], len(s.seeds)) for k in METRICS]
+            lines.append(
+                f"| {DISPLAY.get(name, name)} | {' | '.join(cells)} | {s.train_samples_per_s:,.0f} | "
+                f"{s.inference_ms_per_batch:.1f} |"
+            )
+        return lines
+
+    ablations = [n for n in TABLE2_ORDER[:-1] if n in by_name]
+    table1 = [s.model for s in summaries if s.model not in ablations]
+    out = ["# Model comparison", ""]
+    out += [f"- {k}: {v}" for k, v in header.items()]
+    out += ["", "## Table 1: baselines and CDP", ""] + table(table1)
+    if ablations:
+        out += ["", "## Table 2: CDP ablations", ""] + table(ablations + (["cdp"] if "cdp" in by_name else []))
+    out += [
+        "",
+        "AUC / UAUC / GAUC on the held-out test day(s) (UAUC: unweighted mean per-user AUC; GAUC: "
+        "impression-weighted per-request AUC). Throughput and latency are single-process CPU numbers "
+        "from this machine; compare them within this report only.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def bar_chart(summaries: list[Summary], path: Path) -> bool:
+    """AUC bars with std error bars -> ``path``; False (and a printed note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the bar chart (results.png)")
+        return False
+    names = [DISPLAY.get(s.model, s.model) for s in summaries]
+    means = [s.mean["auc"] or 0.0 for s in summaries]
+    stds = [s.std["auc"] or 0.0 for s in summaries]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    lo = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, lo - 0.02), max(m + s for m, s in zip(means, stds)) + 0.01)
+    ax.set_ylabel("test AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_compare(
+    config: str | None,
+    overrides: list[str],
+    models: str = "all",
+    seeds: int = 3,
+    out_dir: str | Path = "runs/compare",
+    quick: bool = False,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """Train ``models`` x ``range(seeds)``, write the report files, return the results dict."""
+    from cdp_rec.training.trainer import train
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    names = resolve_models(models)
+    out = Path(out_dir)
+    # Benchmarks: no progress bars, no checkpoint writes inside the timed training loop, and
+    # never "resume" a finished run of an earlier compare (its throughput would be void).
+    base = ["train.progress=false", "checkpoint.at_day_end=false", "checkpoint.resume=never"]
+    if quick:
+        root = load_config(config, list(overrides)).data.root
+        base += [*QUICK_OVERRIDES, f"data.root={root.rstrip('/')}-quick"]
+    common = [*base, *overrides, f"train.run_dir={out}"]
+    cfg0 = load_config(config, common)  # fail fast on a bad config, before any training
+    root = Path(data_root or cfg0.data.root)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        for name in names:
+            cfg = load_config(config, [*common, f"model.name={name}", f"train.seed={seed}"])
+            t0 = time.perf_counter()
+            result = train(cfg, root)
+            ms = measure_inference_ms(cfg, root)
+            m = result.metrics
+            print(
+                f"[compare] {name} seed {seed}: AUC {m['auc']:.4f} UAUC {m['uauc'] or float('nan'):.4f} "
+                f"GAUC {m['gauc'] or float('nan'):.4f}  {m['train_samples_per_s']:,.0f} samples/s  "
+                f"{ms:.1f} ms/batch  ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            runs.append({"model": name, "seed": seed, "run_dir": str(result.run_dir), "metrics": m,
+                         "inference_ms_per_batch": round(ms, 3)})
+
+    summaries = summarize(runs)
+    header = {
+        "config": config or "<embedded default>",
+        "overrides": " ".join(overrides) or "none",
+        "quick": quick,
+        "data root": str(root),
+        "seeds": ", ".join(map(str, range(seeds))),
+        "train / eval samples per run": f"{runs[0]['metrics']['num_train_samples']} / "
+        f"{runs[0]['metrics']['num_eval_samples']}",
+        "eval batch size (latency)": cfg0.train.eval_batch_size,
+        "torch threads": torch.get_num_threads(),
+    }
+    report = markdown(summaries, header)
+    results = {"header": header, "runs": runs, "summary": [s.to_dict() for s in summaries]}
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    png = out / "results.png"
+    if bar_chart(summaries, png):
+        results["png"] = str(png)
+    results["markdown"] = report
+    return results
