@@ -1,6 +1,6 @@
-"""``cdp-rec`` command line: ``gen-data``, ``train`` and ``plan``.
+"""``cdp-rec`` command line: ``gen-data``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
 
-Every subcommand takes ``--config FILE`` (default: the embedded tiny config) and any
+Training-side subcommands take ``--config FILE`` (default: the embedded tiny config) and any
 number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs and
 bad data exit with status 2 and one line naming the key or file, not a traceback.
 """
