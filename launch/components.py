@@ -75,3 +75,38 @@ def train(
         max_retries=max_retries,
         mounts=mounts,
     )
+
+
+def evaluate(
+    checkpoint: str,
+    data: Optional[str] = None,
+    overrides: Optional[List[str]] = None,
+    cpu: int = 2,
+    memMB: int = 8192,
+    image: str = DEFAULT_IMAGE,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    name: str = "cdp-rec-evaluate",
+) -> specs.AppDef:
+    """``cdp-rec evaluate``: score the test days with a checkpoint (any world size wrote it).
+
+    Args:
+        checkpoint: a committed checkpoint directory (.../checkpoints/step-N)
+        data: data root (default: the checkpoint config's data.root)
+        overrides: config overrides applied on top of the checkpoint's config
+        cpu: CPUs
+        memMB: memory in MB
+        image: container image (Kubernetes), or directory (Slurm, local)
+        env: extra environment variables
+        max_retries: times the scheduler restarts the job after a failure
+        mounts: bind/volume mounts, e.g. type=bind,src=/data,dst=/data
+        name: job name
+    """
+    args = ["evaluate", "--checkpoint", checkpoint]
+    if data:
+        args += ["--data", data]
+    for ov in overrides or []:
+        args += ["--set", ov]
+    return ddp(*args, m="cdp_rec.cli", image=image, name=f"/{name}", cpu=cpu, gpu=0, memMB=memMB, j="1x1",
+               env=env, max_retries=max_retries, mounts=mounts)

@@ -59,3 +59,10 @@ def test_local_cwd_two_processes_train_and_write_metrics(tmp_path):
     assert 0.5 < metrics["auc"] < 1.0
     plan = json.loads((tmp_path / "runs" / "tx" / "plan.json").read_text())
     assert {row["table"] for row in plan} >= {"query", "user", "item", "category"}
+
+
+def test_evaluate_component_dryrun():
+    r = _torchx("--workspace", "", "--dryrun", "-s", "slurm", "launch/components.py:evaluate",
+                "--checkpoint", "runs/x/checkpoints/step-000000010", "--data", "/mnt/search_logs")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "-m cdp_rec.cli evaluate --checkpoint runs/x/checkpoints/step-000000010 --data /mnt/search_logs" in r.stdout
