@@ -84,7 +84,6 @@ class CDPModel(nn.Module):
             m.diffusion.time_embedding,
         )
         self.loss_weight = m.diffusion.loss_weight
-        self.train_x0 = m.diffusion.train_x0
         self.ranker = RankingHead(dim * (len(self.single_features) + 2) + 1, m.ranker_hidden)
 
     def condition(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -98,10 +97,6 @@ class CDPModel(nn.Module):
         if self.fusion is None:
             return None, None
         return self.fusion(conds)
-
-    def purify(self, x0: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """Inference: K reverse steps from the noised observation -> ``[B, D]``."""
-        return self.diffusion.reverse(self.diffusion.start_state(x0), lambda x, t: self.denoiser(x, t, c))
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Add the category-filtered history to the batch's KJT (data side, before the model).
@@ -131,21 +126,9 @@ class CDPModel(nn.Module):
         x0 = emb[HIST_MATCH]
         c, gate = self.condition(emb)
 
-        if self.training:
-            t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
-            noise = torch.randn_like(x0)
-            x_t = self.diffusion.q_sample(x0, t, noise)
-            eps = self.denoiser(x_t, t, c)
-            has_obs = (counts > 0).to(x0.dtype)
-            per_sample = ((eps - noise) ** 2).mean(-1)
-            mse = (per_sample * has_obs).sum() / has_obs.sum().clamp(min=1.0)
-            if self.train_x0 == "one_step":
-                purified = self.diffusion.predict_x0(x_t, t, eps)
-            else:
-                purified = self.purify(x0, c)
-        else:
-            mse = torch.zeros((), device=x0.device)
-            purified = self.purify(x0, c)
+        purified, mse = self.diffusion.denoise_pass(
+            x0, lambda x, t: self.denoiser(x, t, c), counts > 0, self.training
+        )
 
         x = torch.cat(
             [emb[k] for k in self.single_features] + [x0, purified, torch.log1p(counts.to(x0.dtype)).unsqueeze(-1)],

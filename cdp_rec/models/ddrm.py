@@ -34,7 +34,6 @@ from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_ITEMS, Batch
 from cdp_rec.models.base import ModelOutput
 from cdp_rec.models.denoiser import MLPDenoiser
-from cdp_rec.models.diffrec import diffusion_step
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.ranker import RankingHead
 from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
@@ -58,7 +57,6 @@ class DDRMModel(nn.Module):
         self.user_denoiser = denoiser()
         self.item_denoiser = denoiser()
         self.loss_weight = m.diffusion.loss_weight
-        self.train_x0 = m.diffusion.train_x0
         self.ranker = RankingHead(dim * (len(self.single_features) + 3) + 1, m.ranker_hidden)
 
     def prepare_batch(self, batch: Batch) -> Batch:
@@ -70,11 +68,11 @@ class DDRMModel(nn.Module):
         counts = batch.sparse[HIST_ITEMS].lengths()
         user, item = emb["user_id"], emb["item_id"]
         every = torch.ones_like(counts, dtype=torch.bool)
-        user_dn, mse_u = diffusion_step(
-            self.diffusion, lambda x, t: self.user_denoiser(x, t, item), user, every, self.training, self.train_x0
+        user_dn, mse_u = self.diffusion.denoise_pass(
+            user, lambda x, t: self.user_denoiser(x, t, item), every, self.training
         )
-        item_dn, mse_i = diffusion_step(
-            self.diffusion, lambda x, t: self.item_denoiser(x, t, user), item, every, self.training, self.train_x0
+        item_dn, mse_i = self.diffusion.denoise_pass(
+            item, lambda x, t: self.item_denoiser(x, t, user), every, self.training
         )
         mse = 0.5 * (mse_u + mse_i)
         x = torch.cat(

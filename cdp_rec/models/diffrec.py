@@ -39,33 +39,6 @@ from cdp_rec.models.ranker import RankingHead
 from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
 
 
-def diffusion_step(
-    diffusion: GaussianDiffusion,
-    denoise,  # noqa: ANN001 - (x_t [B, D], t [B]) -> eps [B, D]
-    x0: torch.Tensor,
-    has_obs: torch.Tensor,
-    training: bool,
-    train_x0: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One diffusion pass shared by DiffRec / DDRM / DiffuMIN: ``(denoised [B, D], mse [])``.
-
-    Training: ε-MSE at a random t (averaged over rows where ``has_obs``) and the one-step
-    x̂0 (or the full sampler when ``train_x0 == "full"``). Eval: the reverse sampler
-    from the noised observation, MSE 0.
-    """
-    if not training:
-        return diffusion.reverse(diffusion.start_state(x0), denoise), torch.zeros((), device=x0.device)
-    t = diffusion.sample_timesteps(x0.shape[0], x0.device)
-    noise = torch.randn_like(x0)
-    x_t = diffusion.q_sample(x0, t, noise)
-    eps = denoise(x_t, t)
-    w = has_obs.to(x0.dtype)
-    mse = (((eps - noise) ** 2).mean(-1) * w).sum() / w.sum().clamp(min=1.0)
-    if train_x0 == "one_step":
-        return diffusion.predict_x0(x_t, t, eps), mse
-    return diffusion.reverse(diffusion.start_state(x0), denoise), mse
-
-
 class DiffRecModel(nn.Module):
     """``forward(batch) -> (loss, {"loss", "logits", "bce", "diffusion_mse", "denoised"})``."""
 
@@ -80,7 +53,6 @@ class DiffRecModel(nn.Module):
             dim, 0, m.denoiser_hidden, m.time_embedding_dim, m.diffusion.num_steps, m.diffusion.time_embedding
         )
         self.loss_weight = m.diffusion.loss_weight
-        self.train_x0 = m.diffusion.train_x0
         self.ranker = RankingHead(dim * (len(self.single_features) + 2) + 1, m.ranker_hidden)
 
     def prepare_batch(self, batch: Batch) -> Batch:
@@ -91,8 +63,8 @@ class DiffRecModel(nn.Module):
         emb = self.ebc(batch.sparse).to_dict()
         counts = batch.sparse[HIST_ITEMS].lengths()
         x0 = emb[HIST_ITEMS]
-        denoised, mse = diffusion_step(
-            self.diffusion, lambda x, t: self.denoiser(x, t, None), x0, counts > 0, self.training, self.train_x0
+        denoised, mse = self.diffusion.denoise_pass(
+            x0, lambda x, t: self.denoiser(x, t, None), counts > 0, self.training
         )
         x = torch.cat(
             [emb[k] for k in self.single_features] + [x0, denoised, torch.log1p(counts.to(x0.dtype)).unsqueeze(-1)],

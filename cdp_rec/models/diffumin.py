@@ -48,7 +48,6 @@ from cdp_rec.data.schema import Batch
 from cdp_rec.models.base import ModelOutput
 from cdp_rec.models.conditions import FeatureCondition
 from cdp_rec.models.denoiser import MLPDenoiser
-from cdp_rec.models.diffrec import diffusion_step
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.sequence import SequenceCTRModel, recent_behaviours, with_behaviours
 
@@ -93,7 +92,6 @@ class DiffuMINModel(SequenceCTRModel):
         self.denoiser = MLPDenoiser(dim, m.condition_dim + dim, m.denoiser_hidden, m.time_embedding_dim,
                                     d.num_steps, d.time_embedding)
         self.loss_weight = d.loss_weight
-        self.train_x0 = d.train_x0
         self.contrastive_weight = m.contrastive_weight
         self.temperature = m.contrastive_temperature
 
@@ -131,13 +129,8 @@ class DiffuMINModel(SequenceCTRModel):
         cond = torch.cat([g[:, None, :].expand(b, k, g.shape[-1]), channels], dim=-1).flatten(0, 1)
         has_obs = counts > 0
         x0 = interests.flatten(0, 1)
-        augmented, mse = diffusion_step(
-            self.diffusion,
-            lambda x, t: self.denoiser(x, t, cond),
-            x0,
-            has_obs.repeat_interleave(k),
-            self.training,
-            self.train_x0,
+        augmented, mse = self.diffusion.denoise_pass(
+            x0, lambda x, t: self.denoiser(x, t, cond), has_obs.repeat_interleave(k), self.training
         )
         augmented = augmented.view(b, k, -1)
 

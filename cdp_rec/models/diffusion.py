@@ -109,3 +109,24 @@ class GaussianDiffusion(nn.Module):
                 t_prev = torch.full_like(t, steps[i + 1])
                 x = self._at(self.sqrt_ab, t_prev) * x0_hat + self._at(self.sqrt_one_minus_ab, t_prev) * eps
         return x0_hat
+
+    def denoise_pass(
+        self, x0: torch.Tensor, denoise_fn: DenoiseFn, has_obs: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one diffusion pass every diffusion model here makes: ``(denoised [B, D], mse [])``.
+
+        Training: ε-MSE at a random t, averaged over rows where ``has_obs`` (``[B]`` bool),
+        and the one-step x̂0 (or the full sampler when ``train_x0 == "full"``). Eval: the
+        reverse sampler from the noised observation, MSE 0.
+        """
+        if not training:
+            return self.reverse(self.start_state(x0), denoise_fn), torch.zeros((), device=x0.device)
+        t = self.sample_timesteps(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        eps = denoise_fn(x_t, t)
+        w = has_obs.to(x0.dtype)
+        mse = (((eps - noise) ** 2).mean(-1) * w).sum() / w.sum().clamp(min=1.0)
+        if self.cfg.train_x0 == "one_step":
+            return self.predict_x0(x_t, t, eps), mse
+        return self.reverse(self.start_state(x0), denoise_fn), mse
