@@ -27,7 +27,7 @@ from cdp_rec.models.sequence import SEQ_CATEGORIES, SEQ_ITEMS, kjt_behaviours, l
 from cdp_rec.models.sim import SIMModel
 from cdp_rec.models.twin import TWINModel
 from cdp_rec.training.trainer import train
-from test_models import random_batch
+from test_models import assert_forward_contract, random_batch
 
 ZOO = [n for n in MODEL_NAMES if n not in ("cdp", "base")]
 NEW_MODULES = ("din", "sim", "twin", "qin", "ddrm", "diffrec", "hstu", "diffumin")
@@ -93,17 +93,7 @@ def test_forward_contract(name):
     torch.manual_seed(0)
     model = build_model(cfg)
     assert sum(isinstance(m, EmbeddingBagCollection) for m in model.modules()) == 1
-    batch = model.prepare_batch(random_batch(cfg, batch=16))
-    loss, out = model(batch)
-    assert out["logits"].shape == (16,) and torch.isfinite(loss)
-    assert all(not out[k].requires_grad for k in ("loss", "logits", "bce"))
-    loss.backward()
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        _, a = model(batch)
-        _, b = model(batch)
-    assert torch.equal(a["logits"], b["logits"]), "eval must be deterministic"
+    assert_forward_contract(model, model.prepare_batch(random_batch(cfg, batch=16)))
 
 
 def test_ablation_presets_are_cdp_with_the_ablation():
