@@ -1,11 +1,15 @@
 """Separate optimizers for sparse (embedding) and dense parameters (paper §4.1.3).
 
 The paper uses Adam for both, with lr 5e-4 for sparse and 2.5e-4 for dense. Here,
-unsharded, the tables are ordinary parameters and get a torch Adam; under
+unsharded, the tables are ordinary parameters and get :class:`RowLazyAdam` (Adam applied
+only to the rows a step touched, like fbgemm's fused Adam for sharded tables); under
 DistributedModelParallel the sparse side becomes TorchRec's fused optimizer instead.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +32,80 @@ def split_parameters(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[st
     return sparse, dense
 
 
+class RowLazyAdam(torch.optim.Optimizer):
+    """Adam on the rows of ``[V, D]`` tables that received a gradient this step.
+
+    A dense torch Adam walks every row of every table each step (7 passes over ~10M
+    values on the small config: 60% of a base-model step on CPU), although a batch
+    touches a few thousand rows. Like fbgemm's fused Adam for sharded tables (and TF's
+    LazyAdam), rows without gradient keep their moments and weights untouched; the bias
+    correction uses the table-wide step count. Rows are found from a sparse gradient's
+    indices or, for a dense gradient, from its non-zero rows — so an embedding row whose
+    gradient is exactly zero is skipped, where plain Adam would still move it by momentum.
+
+    For a row updated every step this is exactly torch Adam (tested).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("RowLazyAdam does not take a closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse and grad.sparse_dim() != 1:  # not row-sparse (embedding grads are)
+                    grad = grad.to_dense()
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                else:
+                    flat = grad.reshape(grad.shape[0], -1)
+                    rows = flat.ne(0).any(1).nonzero().squeeze(1)
+                    values = grad.index_select(0, rows)
+                if rows.numel() == 0:
+                    continue
+                m = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                bias1 = 1 - beta1**step
+                bias2_sqrt = math.sqrt(1 - beta2**step)
+                denom = (v.sqrt() / bias2_sqrt).add_(group["eps"])
+                p.index_add_(0, rows, m / denom, alpha=-group["lr"] / bias1)
+
+
+def use_sparse_gradients(model: nn.Module) -> int:
+    """Make the unsharded tables produce sparse (COO) gradients; returns how many.
+
+    A dense ``[V, D]`` gradient per table per step is zero-filled and scanned although a
+    batch touches a few thousand rows — the largest cost of an unsharded CPU step.
+    Only for the single-process path: DMP replaces these modules by fused kernels.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            for table in module.modules():
+                if isinstance(table, (nn.EmbeddingBag, nn.Embedding)):
+                    table.sparse = True
+                    count += 1
+    return count
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
-    """Unsharded: torch Adam for the tables (sparse lr) and for the dense layers (dense lr).
+    """Unsharded: row-lazy Adam for the tables (sparse lr), torch Adam for the dense layers (dense lr).
 
     Keyed by parameter name (TorchRec's KeyedOptimizer), so the optimizer state has the
     same layout as the sharded path's and checkpoints address it by name.
@@ -39,7 +115,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
         raise ValueError(f"model has {len(sparse)} sparse and {len(dense)} dense parameters; expected both")
     return CombinedOptimizer(
         [
-            KeyedOptimizerWrapper(sparse, lambda ps: torch.optim.Adam(ps, lr=cfg.sparse_lr)),
+            KeyedOptimizerWrapper(sparse, lambda ps: RowLazyAdam(ps, lr=cfg.sparse_lr)),
             KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)),
         ]
     )

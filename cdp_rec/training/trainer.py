@@ -2,8 +2,8 @@
 
 One loop for both modes:
 
-* single process (plain ``cdp-rec train``): the unsharded model, torch Adam for sparse
-  and dense parameters (the paper's optimizer);
+* single process (plain ``cdp-rec train``): the unsharded model, Adam for sparse
+  (row-lazy, on sparse gradients: the rows a batch touched) and dense parameters;
 * distributed (started by torchrun / torchx, ``WORLD_SIZE`` set): the model wrapped in
   DistributedModelParallel with the plan of :func:`embeddings.sharding.plan_sharding`,
   each rank reading its own disjoint slice of the Parquet files, TorchRec's
@@ -39,7 +39,7 @@ from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
 from cdp_rec.training.checkpoint import Checkpointer, Position, table_shapes
 from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
-from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer
+from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer, use_sparse_gradients
 from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
 from embeddings.state import load_full_state
 
@@ -117,9 +117,10 @@ class Trainer:
         self.pipeline = None
         if ctx is None:
             self.module: torch.nn.Module = self.model
+            use_sparse_gradients(self.model)
             self.optimizer: Any = build_optimizers(self.model, cfg.train)
             self.device = torch.device("cpu")
-            self.optimizer_note = "sparse optimizer: torch Adam over the unsharded tables"
+            self.optimizer_note = "sparse optimizer: row-lazy Adam over the unsharded tables (touched rows only)"
             return
         full = None if sharded_init else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         dmp, plan = shard_model(cfg, self.model, ctx.device, ctx.world_size, ctx.local_world_size, dist.group.WORLD)
