@@ -58,11 +58,12 @@ def train(
         memMB: host memory in MB
         image: container image (Kubernetes), or directory (Slurm, local)
         env: extra environment variables
-        max_retries: times the scheduler restarts the job after a failure
+        max_retries: times a failed rank restarts the job (torchrun --max-restarts; also the
+            scheduler's retry count where it has one); training resumes from the last checkpoint
         mounts: bind/volume mounts, e.g. type=bind,src=/data,dst=/data
         name: job name
     """
-    return ddp(
+    app = ddp(
         *_cli_args("train", config, overrides, gpu),
         m="cdp_rec.cli",
         image=image,
@@ -75,6 +76,25 @@ def train(
         max_retries=max_retries,
         mounts=mounts,
     )
+    if max_retries > 0:
+        _restart_in_job(app.roles[0], max_retries)
+    return app
+
+
+def _restart_in_job(role: specs.Role, max_restarts: int) -> None:
+    """Let torchrun restart all ranks of the job when one fails (they resume from the last checkpoint).
+
+    ``max_retries`` on a Role is a scheduler-level retry: Kubernetes (Volcano) and Slurm
+    honour it by resubmitting, but local_cwd ignores it. torchrun's elastic agent works
+    under every scheduler: when a rank dies it stops the others, re-rendezvouses and
+    starts them again; ``cdp-rec train`` then resumes from the newest committed
+    checkpoint (``checkpoint.resume=auto``). Scheduler retries still apply on top, for
+    failures of a whole node.
+    """
+    cmd = role.args[-1]
+    if not cmd.startswith("torchrun "):
+        raise ValueError(f"unexpected dist.ddp command, cannot add --max-restarts: {cmd[:80]!r}")
+    role.args[-1] = f"torchrun --max-restarts {max_restarts} --monitor-interval 1 " + cmd[len("torchrun "):]
 
 
 def evaluate(

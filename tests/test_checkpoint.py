@@ -137,15 +137,26 @@ def _reshard_worker(rank: int, world: int, port: int, ckpt: str, sharding: str, 
 @pytest.mark.slow
 def test_reshard_two_ranks_to_one_and_to_another_plan(tmp_path):
     ckpt = tmp_path / "ck" / "step-000000007"
-    mp.spawn(_reshard_worker, args=(2, _free_port(), str(ckpt), "table_wise", str(tmp_path / "w2.pt")), nprocs=2)
+    # Written row_wise: user and item are saved as one shard per rank.
+    mp.spawn(_reshard_worker, args=(2, _free_port(), str(ckpt), "row_wise", str(tmp_path / "w2.pt")), nprocs=2)
     saved = torch.load(tmp_path / "w2.pt")
-    # 2 ranks (table_wise) -> 1 unsharded process, bit for bit.
+    # 2 ranks (row_wise) -> 1 unsharded process, bit for bit.
     model, _ = load_unsharded(ckpt)
     loaded = model.state_dict()
     for k, v in saved.items():
         assert torch.equal(loaded[k], v), k
-    # 2 ranks table_wise -> 2 ranks row_wise, and -> 1 rank DMP.
-    for world, sharding in ((2, "row_wise"), (1, "row_wise")):
+    # The serving export assembles the row shards into whole tables, bit for bit.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    chunks = {k: len(m.chunks) for k, m in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.items()
+              if k.endswith("embedding_bags.user.weight")}
+    assert list(chunks.values()) == [2], chunks
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "art")]) == 0
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    for table, info in manifest["tables"].items():
+        np.testing.assert_array_equal(np.load(tmp_path / "art" / "tables" / f"{table}.npy"), saved[info["key"]].numpy())
+    # 2 ranks row_wise -> 2 ranks table_wise, and -> 1 rank DMP (another plan).
+    for world, sharding in ((2, "table_wise"), (1, "row_wise")):
         out = tmp_path / f"r{world}.pt"
         mp.spawn(_reshard_worker, args=(world, _free_port(), str(ckpt), sharding, str(out)), nprocs=world)
         got = torch.load(out)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def test_slurm_dryrun_prints_sbatch_script():
     assert "--nnodes 2 --nproc_per_node 4" in r.stdout
     assert "-m cdp_rec.cli train --config configs/industrial.yaml --set sharding.compute_device=cuda" in r.stdout
     assert "TORCHX_MAX_RETRIES=3" in r.stdout
+    assert "torchrun --max-restarts 3 --monitor-interval 1 --rdzv_backend" in r.stdout
 
 
 def test_kubernetes_dryrun_prints_volcano_job():
@@ -66,3 +69,37 @@ def test_evaluate_component_dryrun():
                 "--checkpoint", "runs/x/checkpoints/step-000000010", "--data", "/mnt/search_logs")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "-m cdp_rec.cli evaluate --checkpoint runs/x/checkpoints/step-000000010 --data /mnt/search_logs" in r.stdout
+
+
+@pytest.mark.slow
+def test_local_cwd_killed_rank_restarts_and_resumes(tmp_path):
+    """max_retries: a rank killed after the first checkpoint restarts the job, which resumes and finishes."""
+    run = tmp_path / "runs" / "ft"
+    overrides = ",".join([
+        f"data.root={tmp_path}/data", f"train.run_dir={tmp_path}/runs", "train.run_name=ft",
+        "data.samples_per_day=20000", "data.rows_per_file=10000", "data.row_group_size=5000",
+        "train.progress=false", "model.name=base", "train.epochs=2", "checkpoint.every_steps=5",
+    ])
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen(
+        [str(BIN / "torchx"), "run", "-s", "local_cwd", "launch/components.py:train", "--nnodes", "1",
+         "--nproc_per_node", "2", "--max_retries", "1", "--config", "configs/tiny.yaml", "--overrides", overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run / "checkpoints").glob("step-*")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.1)
+        killed = int((run / "pids" / "rank1.pid").read_text())
+        os.kill(killed, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert int((run / "pids" / "rank1.pid").read_text()) != killed, "rank 1 was not restarted"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["num_train_samples"] == 2 * 40000
+    assert metrics["resumed_from_step"] > 0, "the restarted job must resume from a checkpoint"

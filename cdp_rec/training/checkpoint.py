@@ -203,8 +203,12 @@ def load_unsharded(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> t
 def export(path: Path, out: Path) -> dict[str, Any]:
     """Write an unsharded serving artifact: one ``.npy`` per table, ``dense.pt``, config, manifest.
 
-    Tables are read from the checkpoint one at a time (DCP loads only the requested key),
-    so peak memory is one table plus the dense weights, not the whole model.
+    Each table's ``.npy`` is created on disk first and memory-mapped; DCP then reads the
+    table's saved shards one by one straight into that mapping (it loads only the
+    requested key, one saved shard per read). The process therefore holds at most one
+    saved shard in its own memory plus file-backed pages the OS can write back - never a
+    whole table, and never the whole model - so a table larger than the export box's RAM
+    still exports. Dense weights are small and go to ``dense.pt``.
     """
     from cdp_rec.models import build_model
 
@@ -219,9 +223,13 @@ def export(path: Path, out: Path) -> dict[str, Any]:
     for key, t in model.state_dict().items():
         if ".embedding_bags." in key:
             table = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
-            buf = {"model": {key: torch.empty(t.shape, dtype=t.dtype)}}
-            _dcp_load(buf, path)
-            np.save(out / "tables" / f"{table}.npy", buf["model"][key].numpy())
+            target = np.lib.format.open_memmap(
+                out / "tables" / f"{table}.npy", mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype,
+                shape=tuple(t.shape),
+            )
+            _dcp_load({"model": {key: torch.from_numpy(target)}}, path)
+            target.flush()
+            del target
             manifest["tables"][table] = {"key": key, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         else:
             dense[key] = torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t.detach().clone()

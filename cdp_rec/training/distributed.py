@@ -50,8 +50,34 @@ def init_from_env(compute_device: str) -> DistContext:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        store = _attempt_store(rank, world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistContext(rank, world, local_rank, local_world, device, backend)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store | None:
+    """The rendezvous store, namespaced by torchrun's restart attempt (None: not under torchrun).
+
+    torchrun (``--max-restarts``, which the torchx component's ``max_retries`` turns on)
+    keeps one agent-hosted TCPStore across restarts. The process group's keys - gloo's
+    peer addresses among them - are not namespaced per attempt, so the restarted ranks
+    read the dead ranks' addresses and fail with "connectFullMesh ... Connection
+    refused". A per-attempt prefix gives every attempt a clean namespace.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=not agent_hosts and rank == 0, timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"cdp-rec/attempt-{attempt}", store)
 
 
 def all_reduce_int(value: int, op: dist.ReduceOp.RedOpType) -> int:
