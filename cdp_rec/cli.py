@@ -1,4 +1,4 @@
-"""``cdp-rec`` command line: ``gen-data``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
+"""``cdp-rec`` command line: ``gen-data``, ``convert``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
 
 Training-side subcommands take ``--config FILE`` (default: the embedded tiny config) and any
 number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs and
@@ -24,12 +24,26 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
     from cdp_rec.data.synthetic import dataset_is_complete, generate_dataset
 
     cfg = _config(args)
+    if args.layout:
+        cfg.data.layout = args.layout
     out = Path(args.out or cfg.data.root)
     if dataset_is_complete(cfg, out) and not args.force:
         print(f"{out} is up to date for this config (use --force to rewrite)")
         return 0
     files = generate_dataset(cfg, out)
-    print(f"wrote {len(files)} files under {out}")
+    print(f"wrote {len(files)} files under {out} ({cfg.data.layout} layout)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Rewrite a data set in the other storage layout (streaming; see cdp_rec/data/convert.py)."""
+    from cdp_rec.data.convert import convert
+
+    cfg = _config(args)
+    s = convert(cfg, args.src, args.dst, args.to, force=args.force)
+    extra = f", {s.behaviours:,} behaviours" if args.to == "joined" else ""
+    print(f"converted days {s.days} of {args.src} to the {args.to} layout under {args.dst}: "
+          f"{s.impressions:,} impressions{extra}, {s.files} files")
     return 0
 
 
@@ -57,10 +71,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Print the capacity plan; a plan that does not fit exits 2 naming the tables."""
+    """Print the capacity plan; a plan that does not fit exits 2 naming the tables.
+
+    ``--storage``: instead, the bytes on disk of each storage layout at this config.
+    """
+    cfg = _config(args)
+    if args.storage:
+        from cdp_rec.data import storage
+
+        est = storage.estimate_storage(cfg, args.sample_impressions, args.behaviours_per_user_day)
+        name = args.config or "<embedded default>"
+        print(storage.report_json(est) if args.json else storage.format_report(est, name))
+        return 0
+
     from embeddings import capacity
 
-    cfg = _config(args)
     try:
         what_if = capacity.WhatIf(
             scale_rows=capacity.parse_table_values(args.scale_table, "--scale-table", float),
@@ -93,7 +118,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train several models x seeds on the same data; print and write the comparison tables."""
     from cdp_rec.compare import run_compare
 
-    results = run_compare(args.config, args.set, args.models, args.seeds, args.out, args.quick, args.data)
+    results = run_compare(args.config, args.set, args.models, args.seeds, args.out, args.quick, args.data,
+                          reuse=not args.fresh)
     print(results["markdown"], end="")
     print(f"wrote {Path(args.out) / 'results.md'} and {Path(args.out) / 'results.json'}")
     return 0
@@ -101,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the test days of a data set with a checkpoint (any world size wrote it)."""
-    from cdp_rec.data.loader import ParquetBatchReader, dataset_files
+    from cdp_rec.data.joined import open_reader
     from cdp_rec.training.checkpoint import load_unsharded
     from cdp_rec.training.trainer import Trainer
 
@@ -109,7 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     root = Path(args.data or cfg.data.root)
     days = args.day if args.day else list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
     trainer = Trainer(cfg, None, model=model)
-    m = trainer.evaluate(ParquetBatchReader(dataset_files(root, days), cfg.features, cfg.train.eval_batch_size))
+    m = trainer.evaluate(open_reader(cfg, root, days, cfg.train.eval_batch_size))
     d = m.to_dict()
     print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {_fmt(d['auc'])}  UAUC {_fmt(d['uauc'])}  "
           f"GAUC {_fmt(d['gauc'])}  ({d['num_samples']} samples)")
@@ -140,7 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--out", default=None, help="output root (default: data.root)")
     p.add_argument("--force", action="store_true", help="rewrite even if the data set is up to date")
+    p.add_argument("--layout", choices=["rows", "joined"], default=None,
+                   help="storage layout (default: data.layout, which defaults to rows)")
     p.set_defaults(func=cmd_gen_data)
+
+    p = sub.add_parser("convert", help="rewrite a data set in the other storage layout (rows <-> joined)")
+    common(p)
+    p.add_argument("--src", required=True, help="source data root (either layout)")
+    p.add_argument("--dst", required=True, help="destination root (empty or new)")
+    p.add_argument("--to", required=True, choices=["rows", "joined"], help="target layout")
+    p.add_argument("--force", action="store_true", help="replace a data set already in --dst")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train on the training days and evaluate on the test days")
     common(p)
@@ -173,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None, help="what-if: weight dtype of all tables")
     p.add_argument("--caching", action="store_true", help="what-if: UVM caching kernel (HBM cache + host DDR)")
     p.add_argument("--cache-load-factor", type=float, default=0.2, help="with --caching: rows cached in HBM (default 0.2)")
+    p.add_argument("--storage", action="store_true",
+                   help="instead: bytes on disk per impression / day / all days of each storage layout, measured "
+                        "on a synthetic sample written by the real writers")
+    p.add_argument("--sample-impressions", type=int, default=4000,
+                   help="with --storage: impressions in the measured sample day (default 4000)")
+    p.add_argument("--behaviours-per-user-day", type=float, default=None,
+                   help="with --storage: behaviours each user logs per day (default: the generator's 0.1 x max_seq_len)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="train several models x seeds on the same data and tabulate AUC/UAUC/GAUC")
@@ -182,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
     p.add_argument("--quick", action="store_true", help="CI-sized data (20k samples/day) and learning rates")
     p.add_argument("--data", default=None, help="data root (default: data.root)")
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain every run; by default a run whose directory under --out already holds the "
+                        "metrics of the same config is reused, so an interrupted compare continues")
     p.set_defaults(func=cmd_compare)
     return parser
 

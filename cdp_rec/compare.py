@@ -132,11 +132,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[Summary]:
 
 def measure_inference_ms(cfg: JobConfig, root: Path, reps: int = 5) -> float:
     """Fastest ms of ``prepare_batch`` + ``forward`` (eval, no grad) on one eval batch of the test day."""
-    from cdp_rec.data.loader import ParquetBatchReader, list_day_files
+    from cdp_rec.data.joined import open_reader
     from cdp_rec.models import build_model
 
-    files = list_day_files(root, cfg.data.train_days)
-    batch = next(iter(ParquetBatchReader(files, cfg.features, cfg.train.eval_batch_size)))
+    batch = next(iter(open_reader(cfg, root, cfg.data.train_days, cfg.train.eval_batch_size)))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).eval()
     times = []
@@ -224,9 +223,17 @@ def run_compare(
     out_dir: str | Path = "runs/compare",
     quick: bool = False,
     data_root: str | None = None,
+    reuse: bool = True,
 ) -> dict[str, Any]:
-    """Train ``models`` x ``range(seeds)``, write the report files, return the results dict."""
-    from cdp_rec.training.trainer import train
+    """Train ``models`` x ``range(seeds)``, write the report files, return the results dict.
+
+    With ``reuse``, a (model, seed) whose run directory already has a ``metrics.json``
+    of exactly this config (same config hash) is not retrained: its metrics and
+    throughput are the ones measured when it ran, and only the inference latency is
+    measured again (seconds). An interrupted ``compare`` therefore continues where it
+    stopped.
+    """
+    from cdp_rec.training.trainer import run_name, train
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -248,16 +255,22 @@ def run_compare(
         for name in names:
             cfg = load_config(config, [*common, f"model.name={name}", f"train.seed={seed}"])
             t0 = time.perf_counter()
-            result = train(cfg, root)
+            done = out / run_name(cfg) / "metrics.json"
+            previous = json.loads(done.read_text()) if reuse and done.is_file() else None
+            if previous is not None and previous.get("config_hash") == cfg.hash():
+                m, run_dir = previous, done.parent
+                print(f"[compare] {name} seed {seed}: reusing {done}", flush=True)
+            else:
+                result = train(cfg, root)
+                m, run_dir = result.metrics, result.run_dir
             ms = measure_inference_ms(cfg, root)
-            m = result.metrics
             print(
                 f"[compare] {name} seed {seed}: AUC {m['auc']:.4f} UAUC {m['uauc'] or float('nan'):.4f} "
                 f"GAUC {m['gauc'] or float('nan'):.4f}  {m['train_samples_per_s']:,.0f} samples/s  "
                 f"{ms:.1f} ms/batch  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-            runs.append({"model": name, "seed": seed, "run_dir": str(result.run_dir), "metrics": m,
+            runs.append({"model": name, "seed": seed, "run_dir": str(run_dir), "metrics": m,
                          "inference_ms_per_batch": round(ms, 3)})
 
     summaries = summarize(runs)

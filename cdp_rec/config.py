@@ -78,12 +78,21 @@ RESERVED_COLUMNS = (
 )
 
 
+LAYOUTS = ("rows", "joined")
+
+
 @dataclass
 class DataConfig:
     """Where the Parquet search logs live and how the synthetic generator shapes them.
 
-    Layout: ``<root>/day=NN/part-NNNNN.parquet``; days ``0 .. train_days-1`` train,
-    the following ``test_days`` evaluate.
+    Days ``0 .. train_days-1`` train, the following ``test_days`` evaluate. ``layout``
+    picks how they are stored (README "Storage layouts"):
+
+    * ``rows``: ``<root>/day=NN/part-NNNNN.parquet``, every impression row carries its
+      behaviour history as list columns (:mod:`cdp_rec.data.loader`);
+    * ``joined``: each user's behaviour log stored once under ``<root>/behaviors/``, the
+      impressions without histories, both split into ``num_user_buckets`` buckets by a
+      hash of user_id; histories are assembled at read time (:mod:`cdp_rec.data.joined`).
     """
 
     root: str = "data/tiny"
@@ -96,9 +105,15 @@ class DataConfig:
     # Create the synthetic data set when ``root`` is missing (tiny/small configs only;
     # the industrial config sets false so a wrong path is an error, not a surprise 100 GB).
     generate_if_missing: bool = True
+    # Storage layout: "rows" (histories inline) or "joined" (behaviour log stored once).
+    layout: str = "rows"
+    # Joined layout only: user buckets (rank r reads buckets b with b % world_size == r,
+    # so use a multiple of the world size; a reader holds one bucket's log in memory).
+    num_user_buckets: int = 16
 
     def validate(self, where: str) -> None:
-        for name in ("train_days", "samples_per_day", "rows_per_file", "row_group_size"):
+        _choice(where, "data.layout", self.layout, LAYOUTS)
+        for name in ("train_days", "samples_per_day", "rows_per_file", "row_group_size", "num_user_buckets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: data.{name} must be > 0, got {getattr(self, name)}")
         if self.test_days < 1:

@@ -337,6 +337,12 @@ def test_compare_quick_writes_tables(small_root, tmp_path, capsys):
     assert all(r["metrics"]["auc"] > 0.5 and r["inference_ms_per_batch"] > 0 for r in results["runs"])
     assert (out / "results.md").read_text().startswith("# Model comparison")
     assert "matplotlib is not installed" in printed or (out / "results.png").exists()
+    # Running it again continues an interrupted compare: both finished runs are reused as they are.
+    assert main(["compare", "--quick", "--models", "sim,base", "--seeds", "1", "--out", str(out),
+                 "--data", str(small_root), "--set", "train.eval_batch_size=2048"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    again = json.loads((out / "results.json").read_text())
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results["runs"]]
 
 
 def test_compare_rejects_unknown_models():

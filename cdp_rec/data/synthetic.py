@@ -2,8 +2,11 @@
 
 The generator writes ``<out>/day=NN/part-NNNNN.parquet`` files with exactly
 :func:`cdp_rec.data.schema.table_schema` and a ``<out>/_dataset.json`` describing the
-feature spec, data config and seed (see :func:`dataset_spec`). Everything is vectorised
-numpy; the only Python loops run over days, files, columns and fixed-size chunks.
+feature spec, data config and seed (see :func:`dataset_spec`). With ``data.layout:
+joined`` it writes the same impressions and the behaviour log they were drawn from in
+the layout of :mod:`cdp_rec.data.joined` instead (:func:`generate_periods` yields both).
+Everything is vectorised numpy; the only Python loops run over days, files, columns and
+fixed-size chunks.
 
 Generative story
 ================
@@ -78,9 +81,13 @@ Behaviour sequences (contaminated observations)
     * misclick (0.15): a uniformly random item.
 
     The history of an impression at ``ts`` is the user's last ``max_seq_len`` behaviours
-    with behaviour ts strictly before ``ts``, oldest first (most recent last). It is built
-    with ``searchsorted`` over a (user, ts)-sorted log, which is truncated to the last
-    ``max_seq_len`` behaviours per user after each day so memory stays bounded.
+    with behaviour ts strictly before ``ts``, oldest first (most recent last); behaviours
+    sharing a (user, ts) keep their log order (the order they were drawn in after the
+    sort by (user, ts)). It is built with ``searchsorted`` over a (user, ts)-sorted log,
+    which is truncated to the last ``max_seq_len`` behaviours per user after each day so
+    memory stays bounded: every behaviour dropped is older than ``max_seq_len`` kept ones
+    that precede any later impression, so no history changes (the joined layout stores
+    the untruncated log and its reader gives the same histories).
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -403,17 +410,37 @@ class _Log:
         return (users.astype(np.int64) << _TS_BITS) | (ts + _TS_OFFSET)
 
 
-def _period_log(cfg: JobConfig, world: World, period: int) -> _Log:
-    """Behaviours of one period (0 = pre-history, ``d + 1`` = day ``d``), sorted by key."""
+def _behaviour_rate(cfg: JobConfig, world: World, period: int) -> np.ndarray:
+    """``[U]`` expected behaviours of each user in a period (0 = pre-history, ``d + 1`` = day ``d``)."""
     f = cfg.features
-    rng = _rng(cfg.data.seed, _LOG, period)
     if period == _PRE_PERIOD:
         rate = PRE_RATE * f.max_seq_len * world.user_activity * ~world.user_new
     else:
         # New users are only starting to behave, so some still have empty histories.
         rate = DAY_RATE * f.max_seq_len * world.user_activity * np.where(world.user_new, 0.3, 1.0)
-    rate = rate * ~world.user_silent
-    counts = rng.poisson(rate)
+    return rate * ~world.user_silent
+
+
+def mean_history_lengths(cfg: JobConfig, days: Iterable[int]) -> np.ndarray:
+    """``[len(days)]`` expected mean history length of an impression on each day.
+
+    From the behaviour rates alone (no items drawn, so cheap at any number of days):
+    requests pick users ``∝`` activity, and an impression half-way through day ``d``
+    sees ``min(L, pre-history + d + 0.5 days of behaviours)``, drawn as Poisson counts.
+    """
+    world = build_world(cfg)
+    rng = _rng(cfg.data.seed, _LOG, 1 << 20)  # a stream of its own: the data's draws are untouched
+    pre, daily = _behaviour_rate(cfg, world, _PRE_PERIOD), _behaviour_rate(cfg, world, 1)
+    weight = world.user_activity / world.user_activity.sum()
+    L = cfg.features.max_seq_len
+    return np.array([float(weight @ np.minimum(rng.poisson(pre + daily * (d + 0.5)), L)) for d in days])
+
+
+def _period_log(cfg: JobConfig, world: World, period: int) -> _Log:
+    """Behaviours of one period (0 = pre-history, ``d + 1`` = day ``d``), sorted by key."""
+    f = cfg.features
+    rng = _rng(cfg.data.seed, _LOG, period)
+    counts = rng.poisson(_behaviour_rate(cfg, world, period))
     users = np.repeat(np.arange(f.num_users, dtype=np.int64), counts)
     n = len(users)
     if period == _PRE_PERIOD:
@@ -572,8 +599,54 @@ def _day_impressions(cfg: JobConfig, world: World, day: int, log: _Log) -> pa.Ta
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-def generate_days(cfg: JobConfig, days: Iterable[int]) -> Iterable[tuple[int, pa.Table]]:
-    """Yield ``(day, table)`` in increasing day order; the building block of the writer."""
+@dataclass
+class Behaviours:
+    """Behaviours of one log period, sorted by (user_id, ts), ties in log order.
+
+    All arrays are ``[m]`` int64; ``category_id`` is the item's category.
+    """
+
+    user_id: np.ndarray
+    ts: np.ndarray
+    item_id: np.ndarray
+    category_id: np.ndarray
+
+    @staticmethod
+    def of(log: _Log, world: World) -> "Behaviours":
+        return Behaviours(
+            user_id=log.keys >> _TS_BITS,
+            ts=(log.keys & ((1 << _TS_BITS) - 1)) - _TS_OFFSET,
+            item_id=log.items,
+            category_id=world.item_category[log.items],
+        )
+
+
+@dataclass
+class Period:
+    """One log period: ``index`` 0 is everything before day 0, ``d + 1`` is day ``d``.
+
+    ``behaviours`` is the period's whole log (when asked for); ``impressions`` is day
+    ``index - 1``'s table (:func:`table_schema`) when that day was requested, else None.
+    """
+
+    index: int
+    behaviours: Behaviours | None
+    impressions: pa.Table | None
+
+    @property
+    def day(self) -> int:
+        return self.index - 1
+
+
+def generate_periods(cfg: JobConfig, days: Iterable[int], with_behaviours: bool = False) -> Iterator[Period]:
+    """Yield every log period up to the last requested day, in order.
+
+    The joined layout needs each period's behaviours (``with_behaviours=True``); the
+    per-row layout only the impression tables. Both come from the same draws, so the
+    histories inline in a table are exactly what the joined reader assembles from the
+    behaviours: the last ``max_seq_len`` with ts strictly before the impression's, oldest
+    first, ties in ts in log order.
+    """
     wanted = sorted(set(int(d) for d in days))
     if not wanted:
         return
@@ -581,14 +654,26 @@ def generate_days(cfg: JobConfig, days: Iterable[int]) -> Iterable[tuple[int, pa
         raise ValueError(f"days must be >= 0, got {wanted[0]}")
     world = build_world(cfg)
     keep = cfg.features.max_seq_len
-    log = _truncate(_period_log(cfg, world, _PRE_PERIOD), cfg.features.num_users, keep)
+    pre = _period_log(cfg, world, _PRE_PERIOD)
+    if with_behaviours:
+        yield Period(_PRE_PERIOD, Behaviours.of(pre, world), None)
+    log = _truncate(pre, cfg.features.num_users, keep)
     for day in range(wanted[-1] + 1):
         # Every day's behaviours enter the log, requested or not, so histories of a
         # later day are the same whichever days are generated.
-        log = _merge(log, _period_log(cfg, world, day + 1))
-        if day in wanted:
-            yield day, _day_impressions(cfg, world, day, log)
+        new = _period_log(cfg, world, day + 1)
+        log = _merge(log, new)
+        table = _day_impressions(cfg, world, day, log) if day in wanted else None
+        if with_behaviours or table is not None:
+            yield Period(day + 1, Behaviours.of(new, world) if with_behaviours else None, table)
         log = _truncate(log, cfg.features.num_users, keep)
+
+
+def generate_days(cfg: JobConfig, days: Iterable[int]) -> Iterable[tuple[int, pa.Table]]:
+    """Yield ``(day, table)`` in increasing day order; the building block of the writer."""
+    for period in generate_periods(cfg, days):
+        if period.impressions is not None:
+            yield period.day, period.impressions
 
 
 # --------------------------------------------------------------------------- writing
@@ -608,6 +693,9 @@ def dataset_spec(cfg: JobConfig) -> dict[str, Any]:
             "row_group_size": d.row_group_size,
             "train_days": d.train_days,
             "test_days": d.test_days,
+            "layout": d.layout,
+            # The bucket count shapes only the joined layout's files.
+            **({"num_user_buckets": d.num_user_buckets} if d.layout == "joined" else {}),
         },
     }
 
@@ -628,12 +716,37 @@ def dataset_is_complete(cfg: JobConfig, out: str | Path, days: Iterable[int] | N
     return spec == json.loads(json.dumps(dataset_spec(cfg))) and set(days) <= listed
 
 
+def write_parquet(table: pa.Table, path: Path, row_group_size: int, **options: Any) -> Path:
+    """Write ``table`` with the data sets' settings (zstd, ``row_group_size`` rows per row
+    group, ``options`` for :func:`pyarrow.parquet.write_table`) to a temporary name and
+    rename it, so a crash never leaves a half file."""
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", **options)
+    os.replace(tmp, path)
+    return path
+
+
+def write_rows_day(out: Path, day: int, table: pa.Table, rows_per_file: int, row_group_size: int) -> list[Path]:
+    """The per-row layout of one day: ``<out>/day=NN/part-KKKKK.parquet`` of ``rows_per_file``
+    rows each, replacing whatever the day directory held (either layout)."""
+    day_dir = out / day_dir_name(day)
+    day_dir.mkdir(parents=True, exist_ok=True)
+    for old_file in [*day_dir.glob("part-*.parquet"), *day_dir.glob("bucket=*.parquet")]:
+        old_file.unlink()
+    written = []
+    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        written.append(write_parquet(table.slice(start, rows_per_file), day_dir / f"part-{k:05d}.parquet", row_group_size))
+    return written
+
+
 def generate_dataset(cfg: JobConfig, out: str | Path, days: Iterable[int] | None = None) -> list[Path]:
     """Write ``days`` (default: all train + test days) under ``out``; return the files.
 
-    Each day is ``<out>/day=NN/part-00000.parquet, ...`` with ``rows_per_file`` rows per
-    file and ``row_group_size`` rows per row group (zstd). ``_dataset.json`` is written
-    last, so its presence means the listed days are complete.
+    ``data.layout`` picks the layout. ``rows``: each day is ``<out>/day=NN/part-00000.parquet,
+    ...`` with ``rows_per_file`` rows per file and ``row_group_size`` rows per row group
+    (zstd). ``joined``: see :mod:`cdp_rec.data.joined` (the behaviour log of every period
+    up to the last requested day, and each requested day's impressions, by user bucket).
+    ``_dataset.json`` is written last, so its presence means the listed days are complete.
     """
     cfg.features.validate("generate_dataset")
     cfg.data.validate("generate_dataset")
@@ -652,24 +765,17 @@ def generate_dataset(cfg: JobConfig, out: str | Path, days: Iterable[int] | None
         # Invalidate before touching files, so a crash cannot leave a stale spec behind.
         spec_path.unlink()
 
-    rows_per_file = cfg.data.rows_per_file
     written: list[Path] = []
-    for day, table in generate_days(cfg, days):
-        day_dir = out / day_dir_name(day)
-        day_dir.mkdir(exist_ok=True)
-        for old_file in day_dir.glob("part-*.parquet"):
-            old_file.unlink()
-        for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
-            path = day_dir / f"part-{k:05d}.parquet"
-            tmp = path.with_suffix(".parquet.tmp")
-            pq.write_table(
-                table.slice(start, rows_per_file),
-                tmp,
-                row_group_size=cfg.data.row_group_size,
-                compression="zstd",
-            )
-            os.replace(tmp, path)
-            written.append(path)
+    if cfg.data.layout == "joined":
+        from cdp_rec.data import joined  # joined -> loader -> synthetic: import late
+
+        written = joined.write_generated(cfg, out, days, fresh=not done)
+    else:
+        from cdp_rec.data.joined import remove_joined_artifacts
+
+        remove_joined_artifacts(out)  # a root that held the joined layout is rows now
+        for day, table in generate_days(cfg, days):
+            written += write_rows_day(out, day, table, cfg.data.rows_per_file, cfg.data.row_group_size)
     spec["days"] = sorted(done | set(days))
     tmp_spec = spec_path.with_suffix(".json.tmp")
     tmp_spec.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cdp_rec.config import ConfigError, JobConfig, save_config
-from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spec, list_day_files
+from cdp_rec.data.joined import open_reader
+from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spec
 from cdp_rec.data.schema import Batch
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
@@ -274,10 +275,10 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
 
     train_days = list(range(cfg.data.train_days))
     test_days = list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
-    day_files = {d: list_day_files(root, d) for d in train_days + test_days}
+    eval_reader = open_reader(cfg, root, test_days, eval_bs, rank, world)  # a missing test day fails now
 
     def reader(day: int) -> ParquetBatchReader:
-        return ParquetBatchReader(day_files[day], cfg.features, bs, rank=rank, world_size=world)
+        return open_reader(cfg, root, day, bs, rank, world)
 
     # The schedule (epoch, day, steps) is fixed up front from Parquet footers, so a
     # checkpoint's global step maps back to an exact (day, batch) on resume.
@@ -360,8 +361,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    eval_files = [f for d in test_days for f in day_files[d]]
-    metrics = trainer.evaluate(ParquetBatchReader(eval_files, cfg.features, eval_bs, rank=rank, world_size=world))
+    metrics = trainer.evaluate(eval_reader)
     eval_seconds = time.perf_counter() - t1
 
     result: dict[str, Any] = {
