@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['checkpoint_bytes'] / mib:.1f} | {r['parameter_bytes'] / mib:.1f} | "
                   f"{r['checkpoint_bytes'] / r['parameter_bytes']:.2f} | {r['export_bytes'] / mib:.1f} | {r['loaded_equal']} |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"config": args.config, "results": rows}, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(
+                {"bench": "checkpoint", "quick": args.quick, "config": args.config, "results": rows}, indent=2) + "\n")
         return 0 if all(r["loaded_equal"] for r in rows) else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
