@@ -13,7 +13,7 @@ both models (configs/small.yaml, ``features.max_seq_len=L``, ``model.eval()``):
   - ``cdp``: the model as configured (``diffusion.inference_steps`` = 20 denoiser calls);
   - ``cdp, no loop``: the same forward with the reverse process skipped (its start
     state is used as the purified interest): CDP's cost without the denoising loop;
-  - ``loop alone``: ``diffusion.reverse(start_state(x0), denoiser(., ., c))`` on a
+  - ``loop alone``: ``diffusion.reverse(start_state(x0), denoiser.bind(c))`` on a
     precomputed ``x0`` / ``c``: the 20 denoiser calls and the sampler arithmetic only;
   - ``cdp, compiled loop`` / ``loop alone, compiled`` (not with ``--quick`` or
     ``--no-compile``): the same with that loop under ``torch.compile`` (inductor,
@@ -132,7 +132,7 @@ def run_case(spec: dict) -> dict:
         steps = cdp.diffusion.cfg.inference_steps
 
     def loop(x0_, c_):
-        return cdp.diffusion.reverse(cdp.diffusion.start_state(x0_), lambda x, t: cdp.denoiser(x, t, c_))
+        return cdp.diffusion.reverse(cdp.diffusion.start_state(x0_), cdp.denoiser.bind(c_))
 
     skip, score_skipped = _LoopPatch(cdp, "skip"), score(cdp)
 

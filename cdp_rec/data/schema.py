@@ -128,3 +128,12 @@ class Batch(Pipelineable):
             user_ids=self.user_ids.pin_memory(),
             request_ids=self.request_ids.pin_memory(),
         )
+
+
+def is_sequence_feature(name: str) -> bool:
+    """Whether a KJT key holds a behaviour sequence (up to ``max_seq_len`` ids per sample).
+
+    ``hist_*``: the logged history and what models derive from it (e.g. CDP's
+    ``hist_match_item_ids``); ``seq_*``: the sequence models' selected behaviours.
+    """
+    return name.startswith(("hist_", "seq_"))

@@ -127,7 +127,7 @@ class CDPModel(nn.Module):
         c, gate = self.condition(emb)
 
         purified, mse = self.diffusion.denoise_pass(
-            x0, lambda x, t: self.denoiser(x, t, c), counts > 0, self.training
+            x0, self.denoiser.bind(c), counts > 0, self.training
         )
 
         x = torch.cat(

@@ -69,10 +69,10 @@ class DDRMModel(nn.Module):
         user, item = emb["user_id"], emb["item_id"]
         every = torch.ones_like(counts, dtype=torch.bool)
         user_dn, mse_u = self.diffusion.denoise_pass(
-            user, lambda x, t: self.user_denoiser(x, t, item), every, self.training
+            user, self.user_denoiser.bind(item), every, self.training
         )
         item_dn, mse_i = self.diffusion.denoise_pass(
-            item, lambda x, t: self.item_denoiser(x, t, user), every, self.training
+            item, self.item_denoiser.bind(user), every, self.training
         )
         mse = 0.5 * (mse_u + mse_i)
         x = torch.cat(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,8 +39,10 @@ class MLPDenoiser(nn.Module):
         time_embedding: str = "sinusoidal",
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.time_dim = time_dim
         self.condition_dim = condition_dim
+        self.num_steps = num_steps
         if time_embedding == "learned":
             self.time_table: nn.Embedding | None = nn.Embedding(num_steps, time_dim)
             self.time_proj = nn.Identity()
@@ -60,3 +63,37 @@ class MLPDenoiser(nn.Module):
                 raise ValueError("this denoiser was built with a condition; got c=None")
             parts.append(c)
         return self.net(torch.cat(parts, dim=-1))
+
+    def bind(self, c: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``denoise_fn(x_t [B, D], t [B]) -> ε̂ [B, D]`` for a fixed condition ``c`` ``[B, C]``.
+
+        The same function as :meth:`forward` (the reference; parity is tested), cheaper
+        when called many times with one ``c``, as the 20-step reverse process does: the
+        first layer ``W [x_t; t_emb; c] + b`` is split into ``W_x x_t + (W_c c + b) +
+        W_t t_emb``; the condition term is computed once per batch and the time term
+        once per schedule step (a ``[num_steps, H]`` table indexed by ``t``), so each
+        call multiplies only ``x_t`` (``D`` columns instead of ``D + T + C``). About a
+        third fewer FLOPs per denoiser call at the default sizes.
+        """
+        if self.condition_dim and c is None:
+            raise ValueError("this denoiser was built with a condition; got c=None")
+        first = self.net[0]
+        assert isinstance(first, nn.Linear)
+        d, td = self.dim, self.time_dim
+        w_x, w_t, w_c = first.weight[:, :d], first.weight[:, d:d + td], first.weight[:, d + td:]
+        steps = torch.arange(self.num_steps, device=first.weight.device)
+        if self.time_table is not None:
+            t_table = self.time_table(steps)
+        else:
+            t_table = self.time_proj(sinusoidal_embedding(steps, td))
+        time_term = t_table @ w_t.T  # [num_steps, H]
+        const = first.bias if not self.condition_dim else torch.nn.functional.linear(c, w_c, first.bias)  # [B, H] / [H]
+        rest = list(self.net)[1:]  # the installed modules themselves: TorchRec's pipeline FX-traces them
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            h = x_t @ w_x.T + const + time_term[t]
+            for layer in rest:
+                h = layer(h)
+            return h
+
+        return denoise

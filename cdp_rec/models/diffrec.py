@@ -64,7 +64,7 @@ class DiffRecModel(nn.Module):
         counts = batch.sparse[HIST_ITEMS].lengths()
         x0 = emb[HIST_ITEMS]
         denoised, mse = self.diffusion.denoise_pass(
-            x0, lambda x, t: self.denoiser(x, t, None), counts > 0, self.training
+            x0, self.denoiser.bind(None), counts > 0, self.training
         )
         x = torch.cat(
             [emb[k] for k in self.single_features] + [x0, denoised, torch.log1p(counts.to(x0.dtype)).unsqueeze(-1)],

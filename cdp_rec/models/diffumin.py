@@ -130,7 +130,7 @@ class DiffuMINModel(SequenceCTRModel):
         has_obs = counts > 0
         x0 = interests.flatten(0, 1)
         augmented, mse = self.diffusion.denoise_pass(
-            x0, lambda x, t: self.denoiser(x, t, cond), has_obs.repeat_interleave(k), self.training
+            x0, self.denoiser.bind(cond), has_obs.repeat_interleave(k), self.training
         )
         augmented = augmented.view(b, k, -1)
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from cdp_rec.config import ConfigError, JobConfig, save_config
 from cdp_rec.data.joined import open_reader
 from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spec
-from cdp_rec.data.schema import Batch
+from cdp_rec.data.schema import Batch, is_sequence_feature
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
 from cdp_rec.training.checkpoint import Checkpointer, Position, table_shapes
@@ -118,7 +118,8 @@ class Trainer:
         self.pipeline = None
         if ctx is None:
             self.module: torch.nn.Module = self.model
-            use_sparse_gradients(self.model)
+            seq_len, bs = cfg.features.max_seq_len, cfg.train.batch_size
+            use_sparse_gradients(self.model, lambda f: bs * (seq_len if is_sequence_feature(f) else 1))
             self.optimizer: Any = build_optimizers(self.model, cfg.train)
             self.device = torch.device("cpu")
             self.optimizer_note = "sparse optimizer: row-lazy Adam over the unsharded tables (touched rows only)"
