@@ -72,7 +72,7 @@ def test_tables_a_batch_can_cover_keep_dense_gradients() -> None:
     f = cfg.features
     # Every item row can be hit by one batch of full histories: a sparse gradient would be
     # larger than the table. The user table (one lookup per sample) stays sparse.
-    chosen = use_sparse_gradients(model, lambda name: (f.num_items + 1) if name.startswith("hist_") else 1)
+    chosen = use_sparse_gradients(model, lambda name: (2 * f.num_items + 1) if name.startswith("hist_") else 1)
     assert "item" not in chosen and "user" in chosen
     bags = next(m for m in model.modules() if hasattr(m, "embedding_bags")).embedding_bags
     assert bags["user"].sparse and not bags["item"].sparse
