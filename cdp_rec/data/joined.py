@@ -86,6 +86,7 @@ from cdp_rec.data.loader import (
     _open,
     check_schema,
     dataset_files,
+    read_json_file,
 )
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data.synthetic import Behaviours, generate_periods, write_parquet
@@ -158,12 +159,9 @@ def behaviour_schema() -> pa.Schema:
 def read_layout(root: str | Path) -> dict[str, Any] | None:
     """``<root>/_layout.json`` parsed and checked, or None when absent (the per-row layout)."""
     path = Path(root) / LAYOUT_FILE
-    if not path.is_file():
+    spec = read_json_file(path, "layout file")
+    if spec is None:
         return None
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read layout file: {e}") from e
     n = spec.get("num_user_buckets")
     if spec.get("layout") != "joined" or not isinstance(n, int) or n <= 0:
         raise DataError(f"{path}: expected layout 'joined' and a positive num_user_buckets, got {spec}")

@@ -68,6 +68,16 @@ def dataset_files(root: str | Path, days: Sequence[int]) -> list[Path]:
     return [f for day in days for f in list_day_files(root, day)]
 
 
+def read_json_file(path: Path, what: str) -> dict[str, Any] | None:
+    """A data set's JSON side file, or None when it does not exist; DataError when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read {what}: {e}") from e
+
+
 def check_dataset_spec(
     root: str | Path, features: FeatureConfig, seed: int | None = None
 ) -> dict[str, Any] | None:
@@ -78,12 +88,9 @@ def check_dataset_spec(
     mismatching key, e.g. a data set generated for another vocabulary or seed.
     """
     path = Path(root) / DATASET_SPEC_FILE
-    if not path.is_file():
+    spec = read_json_file(path, "data set spec")
+    if spec is None:
         return None
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read data set spec: {e}") from e
     want = json.loads(json.dumps(asdict(features)))  # tuples/ints as JSON would store them
     have = spec.get("features", {})
     for key in sorted(set(want) | set(have)):
