@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Paper Table 1 order (the base model and our extra baselines around it), then Table 2.
 TABLE1_ORDER = ("base", "din", "sim", "qin", "twin", "hstu", "ddrm", "diffrec", "diffumin", "cdp")
-TABLE2_ORDER = ("cdp_no_condition", "cdp_no_collab", "cdp_no_context", "cdp_no_moe", "cdp")
+TABLE2_ORDER = ("cdp_no_condition", "cdp_no_collab", "cdp_no_context", "cdp_no_moe", "cdp_no_diffusion", "cdp")
 DISPLAY = {
     "base": "Base (mean pooling)",
     "din": "DIN",
@@ -57,6 +57,7 @@ DISPLAY = {
     "cdp_no_collab": "No collaborative",
     "cdp_no_context": "No other conditions",
     "cdp_no_moe": "No MoE fusion",
+    "cdp_no_diffusion": "No diffusion (filtered mean only)",
 }
 METRICS = ("auc", "uauc", "gauc")
 

@@ -183,8 +183,9 @@ MODEL_NAMES = (
     "cdp_no_collab",
     "cdp_no_context",
     "cdp_no_moe",
+    "cdp_no_diffusion",
 )
-ABLATIONS = ("none", "no_condition", "no_collaborative", "no_context_scene", "no_moe")
+ABLATIONS = ("none", "no_condition", "no_collaborative", "no_context_scene", "no_moe", "no_diffusion")
 
 
 @dataclass

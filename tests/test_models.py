@@ -60,13 +60,14 @@ def test_ablations_change_the_architecture():
         m = CDPModel(cfg)
         return (m.collaborative is not None, m.context is not None,
                 m.fusion.gate.out_features if m.fusion is not None and m.fusion.gate is not None else None,
-                m.denoiser.condition_dim)
+                m.denoiser.condition_dim if m.denoiser is not None else None)
 
     assert gate_width("none") == (True, True, 3, 32)
     assert gate_width("no_collaborative") == (False, True, 2, 32)
     assert gate_width("no_context_scene") == (True, False, None, 32)
     assert gate_width("no_moe") == (True, True, None, 32)
     assert gate_width("no_condition") == (False, False, None, 0)
+    assert gate_width("no_diffusion") == (False, False, None, None)  # the filtered mean alone
 
 
 def test_inference_runs_the_configured_number_of_denoiser_steps():

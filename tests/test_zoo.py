@@ -305,7 +305,7 @@ def test_diffumin_rejects_more_channels_than_dimensions():
 # --------------------------------------------------------------------------- training
 
 
-TRAINED = [n for n in ZOO if n not in ABLATION_PRESETS] + ["cdp_no_moe"]
+TRAINED = [n for n in ZOO if n not in ABLATION_PRESETS] + ["cdp_no_moe", "cdp_no_diffusion"]
 
 
 @pytest.mark.slow

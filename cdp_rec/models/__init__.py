@@ -34,6 +34,7 @@ ABLATION_PRESETS: dict[str, str] = {
     "cdp_no_collab": "no_collaborative",
     "cdp_no_context": "no_context_scene",
     "cdp_no_moe": "no_moe",
+    "cdp_no_diffusion": "no_diffusion",
 }
 
 

@@ -31,7 +31,9 @@ Choices where the paper is silent (each a config field, see ``DiffusionConfig``)
   condition alone.
 * Ablations (paper Table 2) are ``model.ablation``: ``no_condition`` (unconditional
   denoiser), ``no_collaborative`` (MoE over context + scene), ``no_context_scene``
-  (collaborative only), ``no_moe`` (plain average of the three).
+  (collaborative only), ``no_moe`` (plain average of the three). ``no_diffusion`` is
+  not in the paper: no conditions, no denoiser, the ranker gets the category-filtered
+  mean x0 alone - it isolates what the purification adds on top of the filter.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class CDPModel(nn.Module):
         self.single_features = single_value_features(cfg.features)
         self.ebc = build_embedding_bag_collection(table_specs(cfg.features, (HIST_MATCH,)), dim, device)
 
-        self.use_collaborative = m.ablation not in ("no_condition", "no_collaborative")
-        self.use_context_scene = m.ablation not in ("no_condition", "no_context_scene")
+        self.use_diffusion = m.ablation != "no_diffusion"
+        self.use_collaborative = self.use_diffusion and m.ablation not in ("no_condition", "no_collaborative")
+        self.use_context_scene = self.use_diffusion and m.ablation not in ("no_condition", "no_context_scene")
         n_ctx, n_scene = len(cfg.features.context_features), len(cfg.features.scene_features)
         self.collaborative = CollaborativeCondition(dim, m.condition_hidden, cdim) if self.use_collaborative else None
         self.context = FeatureCondition(n_ctx * dim, m.condition_hidden, cdim) if self.use_context_scene else None
@@ -82,9 +85,10 @@ class CDPModel(nn.Module):
             m.time_embedding_dim,
             m.diffusion.num_steps,
             m.diffusion.time_embedding,
-        )
+        ) if self.use_diffusion else None
         self.loss_weight = m.diffusion.loss_weight
-        self.ranker = RankingHead(dim * (len(self.single_features) + 2) + 1, m.ranker_hidden)
+        interests = 2 if self.use_diffusion else 1  # x0 and the purified interest, or x0 alone
+        self.ranker = RankingHead(dim * (len(self.single_features) + interests) + 1, m.ranker_hidden)
 
     def condition(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Fused guidance ``c [B, C]`` and gate weights ``[B, K]`` (None when ablated away)."""
@@ -126,12 +130,14 @@ class CDPModel(nn.Module):
         x0 = emb[HIST_MATCH]
         c, gate = self.condition(emb)
 
-        purified, mse = self.diffusion.denoise_pass(
-            x0, self.denoiser.bind(c), counts > 0, self.training
-        )
+        if self.denoiser is not None:
+            purified, mse = self.diffusion.denoise_pass(x0, self.denoiser.bind(c), counts > 0, self.training)
+            interests = [x0, purified]
+        else:
+            purified, mse, interests = x0, torch.zeros((), device=x0.device), [x0]
 
         x = torch.cat(
-            [emb[k] for k in self.single_features] + [x0, purified, torch.log1p(counts.to(x0.dtype)).unsqueeze(-1)],
+            [emb[k] for k in self.single_features] + interests + [torch.log1p(counts.to(x0.dtype)).unsqueeze(-1)],
             dim=-1,
         )
         logits = self.ranker(x)
