@@ -119,7 +119,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cdp_rec.compare import run_compare
 
     results = run_compare(args.config, args.set, args.models, args.seeds, args.out, args.quick, args.data,
-                          reuse=not args.fresh)
+                          reuse=not args.fresh, jobs=args.jobs, report=not args.no_report)
+    if args.no_report:
+        return 0
     print(results["markdown"], end="")
     print(f"wrote {Path(args.out) / 'results.md'} and {Path(args.out) / 'results.json'}")
     return 0
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="retrain every run; by default a run whose directory under --out already holds the "
                         "metrics of the same config is reused, so an interrupted compare continues")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train in this many worker processes (cores / jobs threads each), then tabulate")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     p.set_defaults(func=cmd_compare)
     return parser
 

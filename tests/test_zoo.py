@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -343,6 +344,22 @@ def test_compare_quick_writes_tables(small_root, tmp_path, capsys):
     assert capsys.readouterr().out.count("reusing") == 2
     again = json.loads((out / "results.json").read_text())
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results["runs"]]
+
+
+@pytest.mark.slow
+def test_compare_jobs_trains_in_workers_and_tabulates_once(small_root, tmp_path, capsys):
+    from cdp_rec.cli import main
+
+    out = tmp_path / "cmpj"
+    assert main(["compare", "--quick", "--models", "base,cdp_no_diffusion", "--seeds", "1", "--jobs", "2",
+                 "--out", str(out), "--data", str(small_root), "--set", "train.eval_batch_size=2048"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"worker 0 \(\d+ thread\(s\)\): base ->", printed), printed
+    assert re.search(r"worker 1 \(\d+ thread\(s\)\): cdp_no_diffusion ->", printed), printed
+    assert printed.count("reusing") == 2  # the parent trains nothing itself
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["base", "cdp_no_diffusion"]
+    assert all(r["metrics"]["auc"] > 0.5 for r in results["runs"])
 
 
 def test_compare_rejects_unknown_models():
