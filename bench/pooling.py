@@ -53,6 +53,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _common as C  # noqa: E402
 
 L, D = 2000, 64
 MiB = 2**20
@@ -63,28 +66,13 @@ MiB = 2**20
 # ---------------------------------------------------------------------------------------
 
 
-def _status_kib() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0])
-    return out
-
-
 def _peak_increase_mib(fn) -> float:
     """Peak RSS increase (MiB) while running ``fn()``, over the RSS just before it."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib()["VmRSS"]
+    before = C.status_kib()["VmRSS"]
     fn()
-    return (_status_kib()["VmHWM"] - before) / 1024
-
-
-def _loadavg() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
+    return (C.status_kib()["VmHWM"] - before) / 1024
 
 
 def _times(fn, reps: int) -> list[float]:
@@ -310,7 +298,7 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
-    load_start = _loadavg()
+    load_start = C.loadavg()
     if load_start > (os.cpu_count() or 1) and not args.threads:
         print(f"warning: load average {load_start:.1f} on {os.cpu_count()} cores -- other jobs are running; "
               f"multi-threaded torch timings on an oversubscribed box are dominated by OpenMP barrier waits "
@@ -331,7 +319,7 @@ def main() -> None:
     threads = results[0]["threads"]
     _print_tables(rows, copy, copy_rate, threads)
     total = time.perf_counter() - t_start
-    load_end = _loadavg()
+    load_end = C.loadavg()
     print(f"\n(total {total:.0f} s; 1-minute load average {load_start:.1f} at start, {load_end:.1f} at end, "
           f"{os.cpu_count()} cores)")
     print(json.dumps({

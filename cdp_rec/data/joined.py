@@ -87,6 +87,7 @@ from cdp_rec.data.loader import (
     check_schema,
     dataset_files,
     read_json_file,
+    row_groups,
 )
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data.synthetic import Behaviours, generate_periods, write_parquet
@@ -327,17 +328,6 @@ def _parquet_min(pf: pq.ParquetFile, column: str) -> int | None:
     return min(lows) if lows else None
 
 
-def _row_groups(pf: pq.ParquetFile, path: Path, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
-    """``(where, table)`` for each row group of ``pf``, ``where`` naming file and row group."""
-    for rg in range(pf.num_row_groups):
-        where = f"{path}: row group {rg}"
-        try:
-            table = pf.read_row_group(rg, columns=columns)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{where}: cannot read: {e}") from e
-        yield where, table
-
-
 def _check_bucket(where: str, users: np.ndarray, bucket: int, num_buckets: int) -> None:
     got = user_bucket(users, num_buckets)
     _check_bad(where, "user_id", got != bucket, users,
@@ -413,7 +403,7 @@ class JoinedBatchReader(ParquetBatchReader):
             if pf.metadata.num_rows == 0:
                 return
             users_rg, ts_rg = [], []
-            for where, t in _row_groups(pf, path, ["user_id", "ts"]):
+            for where, t in row_groups(pf, path, ["user_id", "ts"]):
                 for name in ("user_id", "ts"):
                     _check_no_nulls(where, name, t.column(name))
                 u = t.column("user_id").to_numpy()
@@ -426,7 +416,7 @@ class JoinedBatchReader(ParquetBatchReader):
 
             last_id = -1
             names = self._imp_schema.names
-            for where, table in _row_groups(pf, path, names):
+            for where, table in row_groups(pf, path, names):
                 if not table.num_rows:
                     continue
                 single = self._convert_single(where, table)
@@ -467,7 +457,7 @@ class JoinedBatchReader(ParquetBatchReader):
                 still = need.copy()  # users wanting more when this part started
                 part_chunks: list[tuple[np.ndarray, ...]] = []
                 prev_user, prev_ts = -1, np.iinfo(np.int64).min
-                for where, t in _row_groups(pf, path, list(BEHAVIOUR_COLUMNS)):
+                for where, t in row_groups(pf, path, list(BEHAVIOUR_COLUMNS)):
                     if not t.num_rows:
                         continue
                     cols = {}

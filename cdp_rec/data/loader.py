@@ -227,12 +227,7 @@ class ParquetBatchReader:
         for path in self.files:
             with _open(path) as pf:
                 self._check_schema(path, pf.schema_arrow)
-                for rg in range(pf.num_row_groups):
-                    where = f"{path}: row group {rg}"
-                    try:
-                        table = pf.read_row_group(rg, columns=names)
-                    except (pa.ArrowException, OSError) as e:
-                        raise DataError(f"{where}: cannot read: {e}") from e
+                for where, table in row_groups(pf, path, names):
                     if table.num_rows:
                         yield self._convert(where, table)
 
@@ -367,6 +362,17 @@ def release_unused_memory() -> None:
     pa.default_memory_pool().release_unused()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def row_groups(pf: pq.ParquetFile, path: Path, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    """``(where, table)`` for each row group of ``pf``, ``where`` naming file and row group."""
+    for rg in range(pf.num_row_groups):
+        where = f"{path}: row group {rg}"
+        try:
+            table = pf.read_row_group(rg, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{where}: cannot read: {e}") from e
+        yield where, table
 
 
 def _open(path: Path) -> pq.ParquetFile:
