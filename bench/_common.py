@@ -187,3 +187,12 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a spawned gloo group's MASTER_PORT."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -31,14 +30,10 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import _common as C  # noqa: E402
 from cdp_rec.config import load_config  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dir_bytes(path: Path) -> int:
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             if world == 1:
                 _run(0, 1, 0, args.config, overrides, str(work), args.steps)
             else:
-                mp.spawn(_run, args=(world, _free_port(), args.config, overrides, str(work), args.steps), nprocs=world)
+                mp.spawn(_run, args=(world, C.free_port(), args.config, overrides, str(work), args.steps), nprocs=world)
             row = json.loads((work / f"result-w{world}.json").read_text())
             # Export is an offline, single-process job (DCP loads are collective inside a group).
             t0 = time.perf_counter()

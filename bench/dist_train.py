@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -29,16 +28,12 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import _common as C  # noqa: E402
 from cdp_rec.config import JobConfig, load_config  # noqa: E402
 
 COMM_MARKERS = ("all_to_all", "alltoall", "input_dist", "kjtalltoall", "all_reduce", "allreduce", "gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(cfg: JobConfig, rank: int, world: int, n: int, local_bs: int):
@@ -122,7 +117,7 @@ def main() -> None:
     rows["single (unsharded)"] = _measure(Trainer(cfg, None), _batches(cfg, 0, 1, n - prof, cfg.train.batch_size), warmup, 0)
     for world in (1, 2):
         out = tmp / f"w{world}.json"
-        mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), n, warmup, prof, str(out)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, C.free_port(), cfg.to_dict(), n, warmup, prof, str(out)), nprocs=world, join=True)
         rows[f"DMP, {world} rank(s)"] = json.loads(out.read_text())
 
     base = rows["DMP, 1 rank(s)"]
