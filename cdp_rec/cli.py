@@ -1,13 +1,16 @@
 """``cdp-rec`` command line: ``gen-data``, ``convert``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
 
 Training-side subcommands take ``--config FILE`` (default: the embedded tiny config) and any
-number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs and
-bad data exit with status 2 and one line naming the key or file, not a traceback.
+number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs, bad
+data, a diverged training, a run directory in use, a plan that does not fit and a
+read-only or full disk exit with status 2 and one line naming the key or file, not a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -27,10 +30,11 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
     if args.layout:
         cfg.data.layout = args.layout
     out = Path(args.out or cfg.data.root)
+    args.where = out
     if dataset_is_complete(cfg, out) and not args.force:
         print(f"{out} is up to date for this config (use --force to rewrite)")
         return 0
-    files = generate_dataset(cfg, out)
+    files = generate_dataset(cfg, out, force=args.force)
     print(f"wrote {len(files)} files under {out} ({cfg.data.layout} layout)")
     return 0
 
@@ -53,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from embeddings.capacity import CapacityError
 
     cfg = _config(args)
+    args.where = Path(cfg.train.run_dir) / (cfg.train.run_name or "")  # what an OSError without a file names
     try:
         result = train(cfg, args.data)
     except CapacityError as e:  # imported lazily (TorchRec), so handled here
@@ -147,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from cdp_rec.training.checkpoint import export
 
-    manifest = export(Path(args.checkpoint), Path(args.out))
+    manifest = export(Path(args.checkpoint), Path(args.out), force=args.force)
     print(f"exported {len(manifest['tables'])} tables + dense weights of step {manifest['global_step']} to {args.out}")
     return 0
 
@@ -167,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gen-data", help="write a deterministic synthetic search-log data set")
     common(p)
     p.add_argument("--out", default=None, help="output root (default: data.root)")
-    p.add_argument("--force", action="store_true", help="rewrite even if the data set is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite even if the data set is up to date, and write into a non-empty directory that "
+                        "gen-data did not write (replacing the day files and behaviors/ there)")
     p.add_argument("--layout", choices=["rows", "joined"], default=None,
                    help="storage layout (default: data.layout, which defaults to rows)")
     p.set_defaults(func=cmd_gen_data)
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="unsharded serving artifact (tables, dense weights, config) from a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing export in --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="embedding capacity plan: sharding and memory per table and per rank")
@@ -237,19 +245,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # TorchRec logs every pipeline refill at INFO; keep its warnings, drop the chatter.
+# OS errors that are the environment's, not a bug: reported in one line even without a file name.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST,
+                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EFBIG, errno.EMFILE, errno.ENAMETOOLONG}
+
+
+def setup_logging() -> None:
+    """Our loggers (``cdp_rec``, ``embeddings``, ``launch``) at INFO; everything else at WARNING.
+
+    The root logger stays at WARNING: fbgemm_gpu logs each of its ~15 ``Successfully
+    loaded`` libraries to root at INFO, and TorchRec every pipeline refill.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("cdp_rec", "embeddings", "launch"):
+        logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("torchrec").setLevel(logging.WARNING)
+
+
+def _os_error_line(e: OSError, args: argparse.Namespace) -> str | None:
+    """``<file>: <cause>`` for an OSError a user can act on (read-only / full disk, a file
+    where a directory belongs, ...); None for anything else (a bug: let it traceback)."""
+    if e.filename is not None:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{where}: {e.strerror or e}"
+    if e.errno in _USER_ERRNOS:
+        # e.g. pyarrow's writes: no file name, so name where this command was writing.
+        where = getattr(args, "where", None) or getattr(args, "out", None) or getattr(args, "dst", None) or "."
+        return f"{where}: {os.strerror(e.errno)}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     from cdp_rec.data.loader import DataError
     from cdp_rec.training.checkpoint import CheckpointError
+    from cdp_rec.training.run_lock import RunLockError
 
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, RunLockError)
+    if args.command in ("train", "compare", "evaluate"):
+        from cdp_rec.training.trainer import TrainingError
+        from embeddings.capacity import CapacityError
+
+        user_errors += (TrainingError, CapacityError)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"cdp-rec {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except user_errors as e:
+        return _fail(args, _one_line(e))
+    except OSError as e:
+        line = _os_error_line(e, args)
+        if line is None:
+            raise
+        return _fail(args, line)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip()
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """Print the one-line error; under torchrun also leave it in the torchelastic error file,
+    which torchrun passes up (``torchx status`` shows it instead of no message at all)."""
+    line = f"cdp-rec {args.command}: error: {message}"
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        try:
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}) + "\n")
+        except OSError:
+            pass
+    return 2
 
 
 if __name__ == "__main__":

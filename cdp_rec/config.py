@@ -5,9 +5,11 @@ The dataclass defaults *are* the tiny CI configuration, so ``JobConfig()`` is th
 embedded default that ``cdp-rec train`` runs with no ``--config``; ``configs/tiny.yaml``
 spells the same values out and a test keeps the two equal.
 
-Errors are :class:`ConfigError` and always name the offending key and the file (or
-``--set``) it came from, because a typo in a 60-day job config should fail at start-up,
-not silently fall back to a default.
+Errors are :class:`ConfigError`, one line naming the offending key and where its value
+came from (``<file>:<line>`` or ``--set key=value``), because a typo in a 60-day job config
+should fail at start-up, not silently fall back to a default. Every numeric field is
+range-checked at load (NaN / inf anywhere is an error), a key given twice in a YAML
+mapping is an error, and ``sharding.constraints`` may only name tables the config has.
 """
 
 from __future__ import annotations
@@ -15,17 +17,95 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+class Origins:
+    """Where each config key's value came from, so an error names the right source.
+
+    ``keys`` maps a dotted key (``train.lr``) to ``"<file>:<line>"`` for a YAML key or to
+    ``"--set train.lr=..."`` for an override; a key that was not given anywhere (its
+    default is used) or a sub-key of a given mapping falls back to its nearest given
+    parent, then to ``default`` (the config file, or ``<embedded default>``).
+    """
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self.keys: dict[str, str] = {}
+
+    def set(self, key: str, origin: str) -> None:
+        """Record ``key``'s origin; what was recorded under ``key`` (a replaced mapping) goes."""
+        for k in [k for k in self.keys if k.startswith((f"{key}.", f"{key}["))]:
+            del self.keys[k]
+        self.keys[key] = origin
+
+    def given(self, key: str) -> str | None:
+        """The origin of ``key`` or of its nearest given parent; None if all are defaults."""
+        key = key.removesuffix(" (key)")
+        while key:
+            if key in self.keys:
+                return self.keys[key]
+            if key.endswith("]") and "[" in key:
+                key = key[: key.rindex("[")]
+            elif "." in key:
+                key = key.rsplit(".", 1)[0]
+            else:
+                return None
+        return None
+
+    def of(self, key: str) -> str:
+        found = self.given(key)
+        return self.default if found is None else found
+
+    def __str__(self) -> str:
+        return self.default
+
+
+# Where a validation error points: a plain label ("convert", a file) or per-key Origins.
+Where = Union[str, Origins]
+
+
+def _at(where: Where, *keys: str) -> str:
+    """The origin to report for a problem involving ``keys``: the first one that was
+    given explicitly (a later ``--set`` beats the file), else the default."""
+    if not isinstance(where, Origins):
+        return where
+    for found in ([where.keys.get(k) for k in keys], [where.given(k) for k in keys]):  # own key, then parents
+        for origin in [g for g in found if g is not None and g.startswith("--set ")] + [g for g in found if g]:
+            return origin
+    return where.default
+
+
+def _fail(where: Where, key: str | tuple[str, ...], message: str) -> NoReturn:
+    """Raise ConfigError ``"<origin>: <key> <message>"`` (``key``: one key, or the keys of a
+    cross-field rule, the first of which is named)."""
+    keys = (key,) if isinstance(key, str) else key
+    raise ConfigError(f"{_at(where, *keys)}: {keys[0]} {message}")
+
+
+def _positive(where: Where, section: str, obj: Any, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Every ``obj.<name>`` is ``>= minimum`` (ints) — ``> 0`` when ``minimum`` is 1."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            _fail(where, f"{section}.{name}", f"must be {'> 0' if minimum == 1 else f'>= {minimum}'}, got {value}")
+
+
+def _positive_float(where: Where, key: str, value: float, allow_zero: bool = False) -> None:
+    """A finite float ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        _fail(where, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclass
@@ -47,21 +127,21 @@ class FeatureConfig:
     )
     max_seq_len: int = 50
 
-    def validate(self, where: str) -> None:
-        for name in ("num_users", "num_items", "num_queries", "num_categories", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: features.{name} must be > 0, got {getattr(self, name)}")
-        if not self.context_features or not self.scene_features:
-            raise ConfigError(f"{where}: features.context_features and features.scene_features must be non-empty")
+    def validate(self, where: Where) -> None:
+        _positive(where, "features", self, ("num_users", "num_items", "num_queries", "num_categories", "max_seq_len"))
+        for group in ("context_features", "scene_features"):
+            if not getattr(self, group):
+                _fail(where, f"features.{group}", "must be non-empty")
         clash = set(self.context_features) & set(self.scene_features)
         if clash:
-            raise ConfigError(f"{where}: columns {sorted(clash)} are both context and scene features")
+            _fail(where, (f"features.scene_features.{sorted(clash)[0]}", "features.context_features"),
+                  f"is also a context feature: columns {sorted(clash)} are both context and scene features")
         for group in ("context_features", "scene_features"):
             for col, size in getattr(self, group).items():
                 if col in RESERVED_COLUMNS:
-                    raise ConfigError(f"{where}: features.{group}.{col} clashes with a built-in column")
-                if not isinstance(size, int) or size <= 0:
-                    raise ConfigError(f"{where}: features.{group}.{col} must be a positive int, got {size!r}")
+                    _fail(where, f"features.{group}.{col}", "clashes with a built-in column")
+                if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                    _fail(where, f"features.{group}.{col}", f"must be a positive int, got {size!r}")
 
 
 # Columns every data set has; context/scene columns come from FeatureConfig.
@@ -110,14 +190,18 @@ class DataConfig:
     # Joined layout only: user buckets (rank r reads buckets b with b % world_size == r,
     # so use a multiple of the world size; a reader holds one bucket's log in memory).
     num_user_buckets: int = 16
+    # A day whose files hold 0 rows is an error naming the day directory (a silently
+    # shrinking data set is worse than a crash); true turns it into a warning and the
+    # day is skipped (e.g. an outage day in real logs).
+    allow_empty_days: bool = False
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: Where) -> None:
         _choice(where, "data.layout", self.layout, LAYOUTS)
-        for name in ("train_days", "samples_per_day", "rows_per_file", "row_group_size", "num_user_buckets"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: data.{name} must be > 0, got {getattr(self, name)}")
-        if self.test_days < 1:
-            raise ConfigError(f"{where}: data.test_days must be >= 1, got {self.test_days}")
+        if not self.root:
+            _fail(where, "data.root", "must be a non-empty path")
+        _positive(where, "data", self, ("train_days", "test_days", "samples_per_day", "rows_per_file",
+                                        "row_group_size", "num_user_buckets"))
+        _positive(where, "data", self, ("seed",), minimum=0)
 
 
 @dataclass
@@ -147,23 +231,24 @@ class DiffusionConfig:
     loss_weight: float = 0.01
     time_embedding: str = "sinusoidal"  # sinusoidal | learned
 
-    def validate(self, where: str) -> None:
-        if self.num_steps <= 0:
-            raise ConfigError(f"{where}: model.diffusion.num_steps must be > 0")
+    def validate(self, where: Where) -> None:
+        d = "model.diffusion"
+        _positive(where, d, self, ("num_steps",))
         if not 0 < self.inference_steps <= self.num_steps:
-            raise ConfigError(
-                f"{where}: model.diffusion.inference_steps must be in [1, num_steps={self.num_steps}], "
-                f"got {self.inference_steps}"
-            )
-        if not 0 < self.beta_start <= self.beta_end or self.noise_scale * self.beta_end >= 1:
-            raise ConfigError(
-                f"{where}: model.diffusion needs 0 < beta_start <= beta_end and noise_scale*beta_end < 1"
-            )
-        _choice(where, "model.diffusion.sampler", self.sampler, ("posterior", "ddim"))
-        _choice(where, "model.diffusion.train_x0", self.train_x0, ("one_step", "full"))
-        _choice(where, "model.diffusion.time_embedding", self.time_embedding, ("sinusoidal", "learned"))
-        if self.loss_weight < 0:
-            raise ConfigError(f"{where}: model.diffusion.loss_weight must be >= 0")
+            _fail(where, (f"{d}.inference_steps", f"{d}.num_steps"),
+                  f"must be in [1, num_steps={self.num_steps}], got {self.inference_steps}")
+        for name in ("beta_start", "beta_end", "noise_scale"):
+            _positive_float(where, f"{d}.{name}", getattr(self, name))
+        if self.beta_start > self.beta_end:
+            _fail(where, (f"{d}.beta_start", f"{d}.beta_end"),
+                  f"must be <= beta_end, got {self.beta_start} > {self.beta_end}")
+        if self.noise_scale * self.beta_end >= 1:
+            _fail(where, (f"{d}.noise_scale", f"{d}.beta_end"),
+                  f"* beta_end must be < 1 (betas are probabilities), got {self.noise_scale} * {self.beta_end}")
+        _choice(where, f"{d}.sampler", self.sampler, ("posterior", "ddim"))
+        _choice(where, f"{d}.train_x0", self.train_x0, ("one_step", "full"))
+        _choice(where, f"{d}.time_embedding", self.time_embedding, ("sinusoidal", "learned"))
+        _positive_float(where, f"{d}.loss_weight", self.loss_weight, allow_zero=True)
 
 
 MODEL_NAMES = (
@@ -213,16 +298,16 @@ class ModelConfig:
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: Where) -> None:
         _choice(where, "model.name", self.name, MODEL_NAMES)
         _choice(where, "model.ablation", self.ablation, ABLATIONS)
-        for name in ("embedding_dim", "condition_dim", "condition_hidden", "time_embedding_dim", "attention_len",
-                     "top_k", "num_heads", "num_layers", "num_interests", "contrastive_temperature"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: model.{name} must be > 0")
+        _positive(where, "model", self, ("embedding_dim", "condition_dim", "condition_hidden", "time_embedding_dim",
+                                         "attention_len", "top_k", "num_heads", "num_layers", "num_interests"))
+        _positive_float(where, "model.contrastive_temperature", self.contrastive_temperature)
+        _positive_float(where, "model.contrastive_weight", self.contrastive_weight, allow_zero=True)
         for name in ("denoiser_hidden", "ranker_hidden"):
             if not getattr(self, name) or any(h <= 0 for h in getattr(self, name)):
-                raise ConfigError(f"{where}: model.{name} must be a non-empty list of positive ints")
+                _fail(where, f"model.{name}", f"must be a non-empty list of positive ints, got {getattr(self, name)}")
         self.diffusion.validate(where)
 
 
@@ -251,14 +336,14 @@ class TrainConfig:
     # interrupt a run on purpose; a stopped run is resumable from its checkpoints.
     max_steps: int = 0
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: Where) -> None:
         _choice(where, "train.batch_size_scope", self.batch_size_scope, ("global", "per_rank"))
-        for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: train.{name} must be > 0, got {getattr(self, name)}")
+        _positive(where, "train", self, ("batch_size", "eval_batch_size", "epochs", "log_every"))
+        _positive(where, "train", self, ("max_steps", "seed"), minimum=0)  # max_steps 0: no limit
+        # Finite and > 0; no upper bound here: a rate that makes training diverge is caught
+        # by the trainer's divergence check, which sees what actually happens.
         for name in ("dense_lr", "sparse_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{where}: train.{name} must be > 0, got {getattr(self, name)}")
+            _positive_float(where, f"train.{name}", getattr(self, name))
 
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
@@ -292,15 +377,31 @@ class ShardingConfig:
     # place — the only option when a table does not fit one host (industrial).
     init: str = "replicated"
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: Where) -> None:
         _choice(where, "sharding.compute_device", self.compute_device, ("cpu", "cuda"))
         _choice(where, "sharding.init", self.init, ("replicated", "sharded"))
         _choice(where, "sharding.sparse_optimizer", self.sparse_optimizer, SPARSE_OPTIMIZERS)
         _choice(where, "sharding.cpu_adam_fallback", self.cpu_adam_fallback, ("rowwise_adagrad", "adagrad", "sgd"))
         for table, kind in self.constraints.items():
             _choice(where, f"sharding.constraints.{table}", kind, SHARDING_TYPES)
-        if self.hbm_gb <= 0 or self.ddr_gb < 0:
-            raise ConfigError(f"{where}: sharding.hbm_gb must be > 0 and sharding.ddr_gb >= 0")
+        _positive_float(where, "sharding.hbm_gb", self.hbm_gb)
+        _positive_float(where, "sharding.ddr_gb", self.ddr_gb, allow_zero=True)
+
+    def check_tables(self, where: Where, features: FeatureConfig) -> None:
+        """Every constrained table exists (names as :func:`embedding_table_names`)."""
+        known = embedding_table_names(features)
+        for table in self.constraints:
+            if table not in known:
+                _fail(where, f"sharding.constraints.{table}",
+                      f"names an unknown table {table!r} (known tables: {known})")
+
+
+def embedding_table_names(features: FeatureConfig) -> list[str]:
+    """Names of the embedding tables a config has, as :func:`embeddings.tables.table_specs`
+    names them (kept in sync by a test); a model may use a subset (the sequence models
+    keep ``item`` / ``category`` out of the sharded collection)."""
+    return ["query", "user", "item", "category", *(f"ctx_{c}" for c in features.context_features),
+            *(f"scene_{c}" for c in features.scene_features)]
 
 
 @dataclass
@@ -312,12 +413,13 @@ class CheckpointConfig:
     keep_last: int = 2
     dir: str = ""  # empty: <run_dir>/<run_name>/checkpoints
     # "auto": continue from the newest committed checkpoint in ``dir`` (what a restarted
-    # torchx job needs); "never": start fresh (existing checkpoints get overwritten).
+    # torchx job needs); "never": start fresh; existing checkpoints are
+    # moved aside to checkpoints.replaced-<UTC time>, never deleted or mixed in.
     resume: str = "auto"
 
-    def validate(self, where: str) -> None:
-        if self.every_steps < 0 or self.keep_last < 1:
-            raise ConfigError(f"{where}: checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+    def validate(self, where: Where) -> None:
+        _positive(where, "checkpoint", self, ("every_steps",), minimum=0)
+        _positive(where, "checkpoint", self, ("keep_last",), minimum=1)
         _choice(where, "checkpoint.resume", self.resume, ("auto", "never"))
 
 
@@ -330,12 +432,13 @@ class JobConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def validate(self, where: str = "<config>") -> "JobConfig":
+    def validate(self, where: Where = "<config>") -> "JobConfig":
         self.features.validate(where)
         self.data.validate(where)
         self.model.validate(where)
         self.train.validate(where)
         self.sharding.validate(where)
+        self.sharding.check_tables(where, self.features)
         self.checkpoint.validate(where)
         return self
 
@@ -348,30 +451,30 @@ class JobConfig:
         return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _choice(where: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(where: Where, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
+        _fail(where, key, f"must be one of {list(allowed)}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
+def _check_type(value: Any, tp: Any, key: str, where: Where) -> Any:
     """Return ``value`` coerced to ``tp`` or raise naming ``key`` and ``where``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key, where)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key} must be a list, got {type(value).__name__}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be a list, got {type(value).__name__}")
         return [_check_type(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         k_tp, v_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be a mapping, got {type(value).__name__}")
         return {
             _check_type(k, k_tp, f"{key} (key)", where): _check_type(v, v_tp, f"{key}.{k}", where)
             for k, v in value.items()
@@ -382,10 +485,10 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _check_type(value, arm, key, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {key} has the wrong type {type(value).__name__} (expected {tp})")
+        raise ConfigError(f"{_at(where, key)}: {key} has the wrong type {type(value).__name__} (expected {tp})")
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where}: {key} must be null")
+            raise ConfigError(f"{_at(where, key)}: {key} must be null")
         return None
     if tp is float:
         if isinstance(value, str):
@@ -395,30 +498,32 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf / 1e999: never a meaningful setting
+            raise ConfigError(f"{_at(where, key)}: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{_at(where, key)}: {key} must be a string, got {value!r}")
         return value
-    raise ConfigError(f"{where}: {key}: unsupported field type {tp}")  # pragma: no cover
+    raise ConfigError(f"{_at(where, key)}: {key}: unsupported field type {tp}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, where: Where) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        full = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
-        raise ConfigError(f"{where}: unknown key {full} (known: {sorted(names)})")
+        full = [f"{prefix}.{k}" if prefix else k for k in unknown]
+        raise ConfigError(f"{_at(where, *full)}: unknown key {', '.join(full)} (known: {sorted(names)})")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -443,43 +548,132 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 _REPLACED_MAPPINGS = ("context_features", "scene_features", "constraints")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (same tags, same safety) that refuses duplicate mapping keys.
+
+    Plain PyYAML keeps the last of two equal keys, so a config that sets ``train.lr``
+    twice silently trains with the second value. Merge keys (``<<: *base``) may still be
+    overridden by an explicit key, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(
+                            f"{key_node.start_mark.name}:{line}: duplicate key {key!r} (first given on line "
+                            f"{seen[key]}); remove one"
+                        )
+                    seen[key] = line
+                except TypeError:  # unhashable key: SafeLoader reports it below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from a (multi-line) PyYAML error: line:column and the problem."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    text = " ".join(str(problem).split())
+    return f"line {mark.line + 1} column {mark.column + 1}: {text}" if mark is not None else text
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of every scalar mapping key in a composed YAML tree.
+
+    A key given twice in one mapping is a ConfigError naming the file, line and dotted key
+    (:class:`_StrictLoader` refuses it too, but does not know the key's section)."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                line = key_node.start_mark.line + 1
+                ident = (key_node.tag, key_node.value)
+                if ident in seen:
+                    raise ConfigError(f"{key_node.start_mark.name}:{line}: duplicate key {key} "
+                                      f"(first given on line {seen[ident]}); remove one")
+                seen[ident] = line
+                out[key] = line
+                out.update(_key_lines(value_node, key))
+    return out
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
+    """A YAML file's data (safe, duplicate keys refused) and the line of each dotted key.
+
+    Every error is a one-line ConfigError naming the file (and line where known).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            loader = _StrictLoader(f)
+            try:
+                node = loader.get_single_node()
+                lines = _key_lines(node)
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+    return data, lines
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a job config from YAML (or the embedded default) and apply ``key=value`` overrides.
 
     Example::
 
         cfg = load_config("configs/tiny.yaml", ["model.name=base", "train.batch_size=512"])
+
+    Errors are ConfigErrors naming the key and its origin: ``<file>:<line>`` for a key of
+    the YAML file, ``--set key=value`` for an override (the last one given wins).
     """
     data: dict[str, Any] = JobConfig().to_dict()
-    where = "<embedded default>"
+    origins = Origins("<embedded default>")
     if path is not None:
         where = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{where}: config path is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from e
+        loaded, lines = read_yaml(p)
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"{where}: top level must be a mapping of sections")
-        _build(JobConfig, loaded, "", where)  # keys and types checked against the file's name
+        origins = Origins(where)
+        for key, line in lines.items():
+            origins.keys[key] = f"{where}:{line}"
+        _build(JobConfig, loaded, "", origins)  # keys and types checked against the file's lines
         data = _merge(data, loaded)
     for ov in overrides:
-        data = _apply_override(data, ov)
-    cfg = _build(JobConfig, data, "", where if not overrides else f"{where} (+ --set {' '.join(overrides)})")
-    return cfg.validate(where)
+        data = _apply_override(data, ov, origins)
+    cfg = _build(JobConfig, data, "", origins)
+    return cfg.validate(origins)
 
 
-def _apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+def _apply_override(data: dict[str, Any], override: str, origins: Origins | None = None) -> dict[str, Any]:
+    """Apply one ``key=value`` to ``data`` (in place) and record in ``origins`` that
+    ``key`` now comes from ``--set key=value``."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected key=value")
     key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    where = f"--set {key}={raw}"
+    parts = key.split(".")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
+        raise ConfigError(f"{where}: cannot parse value {raw!r}: {_yaml_problem(e)}") from e
     cursor: Any = data
     cls: Any = JobConfig
     for i, part in enumerate(parts):
@@ -487,21 +681,23 @@ def _apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
         if dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls)
             if part not in hints:
-                raise ConfigError(f"--set {key}: unknown key {'.'.join(parts[: i + 1])}")
+                raise ConfigError(f"{where}: unknown key {'.'.join(parts[: i + 1])}")
             tp = hints[part]
             if is_last:
                 # Strings from the command line stay strings for str fields ("--set a=1e-3" on a
                 # float is parsed by YAML, "--set train.run_name=007" keeps the leading zero).
-                cursor[part] = raw if tp is str else _check_type(value, tp, key, "--set")
+                cursor[part] = raw if tp is str else _check_type(value, tp, key, where)
             else:
                 cursor = cursor[part]
                 cls = tp
         elif typing.get_origin(cls) is dict:
             if not is_last:
-                raise ConfigError(f"--set {key}: cannot descend into {'.'.join(parts[: i + 1])}")
-            cursor[part] = _check_type(value, typing.get_args(cls)[1], key, "--set")
+                raise ConfigError(f"{where}: cannot descend into {'.'.join(parts[: i + 1])}")
+            cursor[part] = _check_type(value, typing.get_args(cls)[1], key, where)
         else:
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} is not a section")
+    if origins is not None:
+        origins.set(key, where)
     return data
 
 

@@ -33,7 +33,7 @@ from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from cdp_rec.config import JobConfig, ShardingConfig
+from cdp_rec.config import ConfigError, JobConfig, ShardingConfig
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,11 @@ def plan_sharding(
     tables = {t.name: t for t in ebc.embedding_bag_configs()}
     unknown = sorted(set(s.constraints) - set(tables))
     if unknown:
-        raise ValueError(f"sharding.constraints names unknown tables {unknown}; tables are {sorted(tables)}")
+        # Config load already refuses names that are no table of the config; this catches a
+        # table this model keeps out of its sharded collection (the sequence models' item /
+        # category). A ConfigError, so the CLI reports it in one line.
+        raise ConfigError(f"sharding.constraints.{unknown[0]}: model {cfg.model.name!r} has no sharded table "
+                          f"{unknown[0]!r} (its sharded tables: {sorted(tables)})")
     choice = sparse_optimizer_choice(s, device_type)
     hand = {t: k for t, k in s.constraints.items() if device_type == "cpu" and k in _CPU_HAND_PLANNED}
     constraints = {}

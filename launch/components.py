@@ -4,8 +4,14 @@
 
 Example (2 processes on this machine, gloo)::
 
-    PATH=$PWD/.venv/bin:$PATH torchx run -s local_cwd launch/components.py:train \\
+    .venv/bin/torchx run -s local_cwd launch/components.py:train \\
         --nnodes 1 --nproc_per_node 2 --config configs/tiny.yaml
+
+The job runs torchrun as ``<python> -m torch.distributed.run`` with the interpreter that
+ran torchx (``sys.executable``, e.g. this venv's python) when that interpreter exists on
+the host and has torch, whatever ``PATH`` is there; otherwise the ``torchrun`` on the
+host's ``PATH`` (a container image's); with neither it fails saying so (on stderr and in
+the torchelastic error file, which ``torchx status`` shows).
 
 On a GPU cluster, one process per GPU (nccl; ``gpu > 0`` also sets
 ``sharding.compute_device=cuda``)::
@@ -15,6 +21,8 @@ On a GPU cluster, one process per GPU (nccl; ``gpu > 0`` also sets
 """
 
 
+import shlex
+import sys
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
@@ -78,7 +86,36 @@ def train(
     )
     if max_retries > 0:
         _restart_in_job(app.roles[0], max_retries)
+    _torchrun_of_this_python(app.roles[0])
     return app
+
+
+def _torchrun_of_this_python(role: specs.Role, python: str = sys.executable) -> None:
+    """Prefix dist.ddp's ``bash -c "torchrun ..."`` with a shell function ``torchrun`` that
+    execs ``<python> -m torch.distributed.run`` when ``python`` exists there with torch, so
+    the job does not depend on the venv's bin being on PATH (without it, local_cwd ended
+    in ``state: FAILED`` and no message). Otherwise the host's own ``torchrun`` runs; with
+    no torchrun at all the job fails with a message naming both.
+
+    (``$$`` is a literal ``$`` after torchx's macro substitution, as in dist.ddp.)
+    """
+    cmd = role.args[-1]
+    if not cmd.startswith("torchrun "):
+        raise ValueError(f"unexpected dist.ddp command, cannot pin its python: {cmd[:80]!r}")
+    msg = ("cdp-rec launch: torchrun is not on PATH here and $$_cdp_py (the python that ran torchx) "
+           "is missing or lacks torch: put the environment's bin directory on PATH")
+    prelude = (
+        f"_cdp_py={shlex.quote(python)}; "
+        "if [ -x \"$$_cdp_py\" ] && \"$$_cdp_py\" -c 'import importlib.util as u, sys; "
+        "sys.exit(u.find_spec(\"torch\") is None)' 2>/dev/null; then "
+        "torchrun() { exec \"$$_cdp_py\" -m torch.distributed.run \"$$@\"; }; "
+        "elif ! command -v torchrun >/dev/null 2>&1; then "
+        f"_cdp_msg=\"{msg}\"; echo \"$$_cdp_msg\" >&2; "
+        "if [ -n \"$${TORCHELASTIC_ERROR_FILE:-}\" ]; then "
+        "printf '{\"message\": \"%s\"}\\n' \"$$_cdp_msg\" > \"$$TORCHELASTIC_ERROR_FILE\"; fi; "
+        "exit 127; fi; "
+    )
+    role.args[-1] = prelude + cmd
 
 
 def _restart_in_job(role: specs.Role, max_restarts: int) -> None:
@@ -128,5 +165,7 @@ def evaluate(
         args += ["--data", data]
     for ov in overrides or []:
         args += ["--set", ov]
-    return ddp(*args, m="cdp_rec.cli", image=image, name=f"/{name}", cpu=cpu, gpu=0, memMB=memMB, j="1x1",
-               env=env, max_retries=max_retries, mounts=mounts)
+    app = ddp(*args, m="cdp_rec.cli", image=image, name=f"/{name}", cpu=cpu, gpu=0, memMB=memMB, j="1x1",
+              env=env, max_retries=max_retries, mounts=mounts)
+    _torchrun_of_this_python(app.roles[0])
+    return app

@@ -43,7 +43,8 @@ from cdp_rec.config import JobConfig
 from cdp_rec.data import joined as J
 from cdp_rec.data.loader import DataError, ParquetBatchReader, _Columns, list_day_files
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
-from cdp_rec.data.synthetic import DATASET_SPEC_FILE, Behaviours, write_parquet
+from cdp_rec.data.spec import DATASET_SPEC_FILE
+from cdp_rec.data.writer import Behaviours, write_parquet
 
 TMP_DIR = "_convert_tmp"
 # Polynomial hash base (odd, so invertible modulo 2**64) and its inverse.

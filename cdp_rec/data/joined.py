@@ -84,13 +84,14 @@ from cdp_rec.data.loader import (
     _check_range,
     _Columns,
     _open,
+    check_data_root,
     check_schema,
     dataset_files,
     read_json_file,
     row_groups,
 )
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
-from cdp_rec.data.synthetic import Behaviours, generate_periods, write_parquet
+from cdp_rec.data.writer import Behaviours, write_parquet
 
 LAYOUT_FILE = "_layout.json"
 LAYOUT_VERSION = 1
@@ -266,6 +267,8 @@ def write_generated(cfg: JobConfig, out: Path, days: Sequence[int], fresh: bool)
     another spec, so an old ``behaviors/`` is removed first (its periods could outlive
     the ones rewritten here).
     """
+    from cdp_rec.data.synthetic import generate_periods  # the generator; the reader never imports it
+
     n = cfg.data.num_user_buckets
     rg = cfg.data.row_group_size
     if fresh and (out / BEHAVIORS_DIR).is_dir():
@@ -524,8 +527,7 @@ def open_reader(
     """
     root = Path(root)
     day_list = [days] if isinstance(days, int) else list(days)
-    if not root.is_dir():
-        raise DataError(f"{root}: data root not found")
+    check_data_root(root)
     on_disk = "joined" if (root / LAYOUT_FILE).is_file() else "rows"
     if on_disk != cfg.data.layout:
         raise DataError(
@@ -535,6 +537,6 @@ def open_reader(
     if cfg.data.layout == "joined":
         return JoinedBatchReader(root, day_list, cfg.features, batch_size, rank=rank, world_size=world_size)
     if cfg.data.layout == "rows":
-        return ParquetBatchReader(dataset_files(root, day_list), cfg.features, batch_size, rank=rank,
-                                  world_size=world_size)
+        files = dataset_files(root, day_list, allow_empty=cfg.data.allow_empty_days)
+        return ParquetBatchReader(files, cfg.features, batch_size, rank=rank, world_size=world_size)
     raise ConfigError(f"data.layout must be one of ['rows', 'joined'], got {cfg.data.layout!r}")

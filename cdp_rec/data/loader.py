@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from cdp_rec.data.schema import (
     id_ranges,
     table_schema,
 )
-from cdp_rec.data.synthetic import DATASET_SPEC_FILE
+from cdp_rec.data.spec import DATASET_SPEC_FILE
 
 
 class DataError(ValueError):
@@ -52,30 +53,87 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- files
 
 
-def list_day_files(root: str | Path, day: int) -> list[Path]:
-    """Sorted ``part-*.parquet`` files of ``<root>/day=NN``; DataError if there are none."""
+log = logging.getLogger(__name__)
+
+DAY_FILE_PATTERN = "part-*.parquet"
+
+
+def is_ignored_name(name: str) -> bool:
+    """Entries of a day directory that are never data: hidden or bookkeeping names
+    (``.``/``_`` prefix, e.g. Spark's ``_SUCCESS`` and ``.part-0.parquet.crc``) and
+    unfinished writes (``.tmp`` suffix, e.g. the generator's ``part-0.parquet.tmp``)."""
+    return name.startswith((".", "_")) or name.endswith(".tmp")
+
+
+def check_data_root(root: str | Path) -> None:
+    """DataError unless ``root`` is a directory (distinguishing a file from a missing path)."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    if root.exists():
+        raise DataError(f"{root}: data root is a file, not a directory")
+    raise DataError(f"{root}: data root not found")
+
+
+def list_day_files(root: str | Path, day: int, allow_empty: bool = False) -> list[Path]:
+    """Sorted ``part-*.parquet`` files of ``<root>/day=NN``.
+
+    DataError if the directory is missing, holds no ``part-*.parquet`` file, holds any
+    other entry (a Parquet file under another name would be silently left out; names
+    :func:`is_ignored_name` accepts are skipped), or — unless ``allow_empty``
+    (``data.allow_empty_days``), then a warning — its files hold 0 rows in all. Only the
+    footers are read, and only until a file with rows is found.
+    """
     day_dir = Path(root) / day_dir_name(day)
     if not day_dir.is_dir():
+        if day_dir.exists():
+            raise DataError(f"{day_dir}: is a file, not a day directory")
         raise DataError(f"{day_dir}: day directory not found")
-    files = sorted(day_dir.glob("part-*.parquet"))
+    files = sorted(day_dir.glob(DAY_FILE_PATTERN))
+    chosen = set(files)
+    stray = sorted(p.name for p in day_dir.iterdir() if p not in chosen and not is_ignored_name(p.name))
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise DataError(
+            f"{day_dir}: {len(stray)} entr{'y' if len(stray) == 1 else 'ies'} not named {DAY_FILE_PATTERN} would be "
+            f"ignored: {shown}; rename or move them (names starting with '.' or '_' or ending in .tmp are skipped)"
+        )
     if not files:
-        raise DataError(f"{day_dir}: no part-*.parquet files")
+        raise DataError(f"{day_dir}: no {DAY_FILE_PATTERN} files")
+    if not any(_num_rows(f) for f in files):
+        message = f"{day_dir}: {day_dir_name(day)} has 0 rows in its {len(files)} file(s)"
+        if not allow_empty:
+            raise DataError(f"{message}; set data.allow_empty_days=true to skip empty days")
+        log.warning("%s; skipped (data.allow_empty_days)", message)
     return files
 
 
-def dataset_files(root: str | Path, days: Sequence[int]) -> list[Path]:
+def dataset_files(root: str | Path, days: Sequence[int], allow_empty: bool = False) -> list[Path]:
     """:func:`list_day_files` of every day in ``days``, concatenated in that order."""
-    return [f for day in days for f in list_day_files(root, day)]
+    return [f for day in days for f in list_day_files(root, day, allow_empty)]
+
+
+def _num_rows(path: Path) -> int:
+    with _open(path) as pf:
+        return pf.metadata.num_rows
 
 
 def read_json_file(path: Path, what: str) -> dict[str, Any] | None:
-    """A data set's JSON side file, or None when it does not exist; DataError when unreadable."""
-    if not path.is_file():
+    """A data set's JSON side file (a JSON object), or None when it does not exist;
+    a one-line DataError naming the file when it is unreadable or not an object."""
+    if not path.exists():
         return None
+    if not path.is_file():
+        raise DataError(f"{path}: cannot read {what}: not a file")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read {what}: {e}") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: cannot read {what}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read {what}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: cannot read {what}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def check_dataset_spec(
@@ -87,12 +145,16 @@ def check_dataset_spec(
     spec; the per-row-group validation still applies). Raises DataError naming the first
     mismatching key, e.g. a data set generated for another vocabulary or seed.
     """
+    if Path(root).exists():
+        check_data_root(root)  # a file: say so, rather than "not found" further down
     path = Path(root) / DATASET_SPEC_FILE
     spec = read_json_file(path, "data set spec")
     if spec is None:
         return None
     want = json.loads(json.dumps(asdict(features)))  # tuples/ints as JSON would store them
     have = spec.get("features", {})
+    if not isinstance(have, dict):
+        raise DataError(f"{path}: 'features' must be a JSON object, got {type(have).__name__}")
     for key in sorted(set(want) | set(have)):
         if have.get(key) != want.get(key):
             raise DataError(

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 from cdp_rec.config import ConfigError, JobConfig
 from cdp_rec.data import joined as J
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, table_schema
-from cdp_rec.data.synthetic import Behaviours, generate_periods, mean_history_lengths, write_rows_day
+from cdp_rec.data.synthetic import generate_periods, mean_history_lengths
+from cdp_rec.data.writer import Behaviours, write_rows_day
 
 ITEM_CAP = 100_000
 QUERY_CAP = 20_000

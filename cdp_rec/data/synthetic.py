@@ -102,14 +102,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cdp_rec.config import JobConfig
-from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
+from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, table_schema
+from cdp_rec.data.spec import DATASET_SPEC_FILE
+from cdp_rec.data.writer import Behaviours, write_parquet, write_rows_day  # noqa: F401 (re-exported)
 
 # Bump when the generative story changes, so stale data sets are detected by _dataset.json.
 GENERATOR_VERSION = 1
-DATASET_SPEC_FILE = "_dataset.json"
 
 SECONDS_PER_DAY = 86_400
 LATENT_DIM = 8
@@ -599,26 +599,14 @@ def _day_impressions(cfg: JobConfig, world: World, day: int, log: _Log) -> pa.Ta
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-@dataclass
-class Behaviours:
-    """Behaviours of one log period, sorted by (user_id, ts), ties in log order.
-
-    All arrays are ``[m]`` int64; ``category_id`` is the item's category.
-    """
-
-    user_id: np.ndarray
-    ts: np.ndarray
-    item_id: np.ndarray
-    category_id: np.ndarray
-
-    @staticmethod
-    def of(log: _Log, world: World) -> "Behaviours":
-        return Behaviours(
-            user_id=log.keys >> _TS_BITS,
-            ts=(log.keys & ((1 << _TS_BITS) - 1)) - _TS_OFFSET,
-            item_id=log.items,
-            category_id=world.item_category[log.items],
-        )
+def _behaviours_of(log: _Log, world: World) -> Behaviours:
+    """A period's log as :class:`cdp_rec.data.writer.Behaviours` (categories from the world)."""
+    return Behaviours(
+        user_id=log.keys >> _TS_BITS,
+        ts=(log.keys & ((1 << _TS_BITS) - 1)) - _TS_OFFSET,
+        item_id=log.items,
+        category_id=world.item_category[log.items],
+    )
 
 
 @dataclass
@@ -656,7 +644,7 @@ def generate_periods(cfg: JobConfig, days: Iterable[int], with_behaviours: bool 
     keep = cfg.features.max_seq_len
     pre = _period_log(cfg, world, _PRE_PERIOD)
     if with_behaviours:
-        yield Period(_PRE_PERIOD, Behaviours.of(pre, world), None)
+        yield Period(_PRE_PERIOD, _behaviours_of(pre, world), None)
     log = _truncate(pre, cfg.features.num_users, keep)
     for day in range(wanted[-1] + 1):
         # Every day's behaviours enter the log, requested or not, so histories of a
@@ -665,7 +653,7 @@ def generate_periods(cfg: JobConfig, days: Iterable[int], with_behaviours: bool 
         log = _merge(log, new)
         table = _day_impressions(cfg, world, day, log) if day in wanted else None
         if with_behaviours or table is not None:
-            yield Period(day + 1, Behaviours.of(new, world) if with_behaviours else None, table)
+            yield Period(day + 1, _behaviours_of(new, world) if with_behaviours else None, table)
         log = _truncate(log, cfg.features.num_users, keep)
 
 
@@ -716,31 +704,47 @@ def dataset_is_complete(cfg: JobConfig, out: str | Path, days: Iterable[int] | N
     return spec == json.loads(json.dumps(dataset_spec(cfg))) and set(days) <= listed
 
 
-def write_parquet(table: pa.Table, path: Path, row_group_size: int, **options: Any) -> Path:
-    """Write ``table`` with the data sets' settings (zstd, ``row_group_size`` rows per row
-    group, ``options`` for :func:`pyarrow.parquet.write_table`) to a temporary name and
-    rename it, so a crash never leaves a half file."""
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", **options)
-    os.replace(tmp, path)
-    return path
+GENERATOR = "cdp_rec.data.synthetic"  # the "generator" of the specs this module writes
 
 
-def write_rows_day(out: Path, day: int, table: pa.Table, rows_per_file: int, row_group_size: int) -> list[Path]:
-    """The per-row layout of one day: ``<out>/day=NN/part-KKKKK.parquet`` of ``rows_per_file``
-    rows each, replacing whatever the day directory held (either layout)."""
-    day_dir = out / day_dir_name(day)
-    day_dir.mkdir(parents=True, exist_ok=True)
-    for old_file in [*day_dir.glob("part-*.parquet"), *day_dir.glob("bucket=*.parquet")]:
-        old_file.unlink()
-    written = []
-    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
-        written.append(write_parquet(table.slice(start, rows_per_file), day_dir / f"part-{k:05d}.parquet", row_group_size))
-    return written
+def written_by_generator(out: str | Path) -> bool:
+    """True if ``out`` holds a spec written by this generator: ``_dataset.json``, or the
+    in-progress ``_dataset.json.tmp`` of a generation that was interrupted."""
+    for path in (Path(out) / DATASET_SPEC_FILE, (Path(out) / DATASET_SPEC_FILE).with_suffix(".json.tmp")):
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(spec, dict) and spec.get("generator") == GENERATOR:
+            return True
+    return False
 
 
-def generate_dataset(cfg: JobConfig, out: str | Path, days: Iterable[int] | None = None) -> list[Path]:
+def _check_may_write(out: Path, force: bool) -> None:
+    """Refuse (DataError) to write into a directory holding anything gen-data did not write."""
+    from cdp_rec.data.loader import DataError  # loader imports torchrec: keep this module light
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; give a directory to write the data set in")
+    if force or not out.exists() or written_by_generator(out):
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise DataError(
+            f"{out}: not empty ({shown}) and not written by gen-data (no {DATASET_SPEC_FILE} of the synthetic "
+            f"generator); refusing to overwrite it: give an empty or new directory, or --force to replace its data"
+        )
+
+
+def generate_dataset(
+    cfg: JobConfig, out: str | Path, days: Iterable[int] | None = None, force: bool = False
+) -> list[Path]:
     """Write ``days`` (default: all train + test days) under ``out``; return the files.
+
+    ``out`` must be new, empty, or written by this generator (its ``_dataset.json`` says
+    so); anything else, e.g. a directory of real logs, is refused with a DataError unless
+    ``force`` (which replaces the day files it writes and ``behaviors/``).
 
     ``data.layout`` picks the layout. ``rows``: each day is ``<out>/day=NN/part-00000.parquet,
     ...`` with ``rows_per_file`` rows per file and ``row_group_size`` rows per row group
@@ -754,30 +758,43 @@ def generate_dataset(cfg: JobConfig, out: str | Path, days: Iterable[int] | None
     if days is None:
         days = range(cfg.data.train_days + cfg.data.test_days)
     days = sorted(set(int(d) for d in days))
+    _check_may_write(out, force)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / DATASET_SPEC_FILE
+    tmp_spec = spec_path.with_suffix(".json.tmp")
     spec = dataset_spec(cfg)
     done: set[int] = set()
+    # The in-progress marker (this generator's spec listing no days): a crash leaves a
+    # root that a rerun still recognises as its own. Replaced by the final spec below.
+    tmp_spec.write_text(json.dumps({**spec, "days": []}, indent=2, sort_keys=True) + "\n")
     if spec_path.is_file():
-        old = json.loads(spec_path.read_text())
-        if {k: v for k, v in old.items() if k != "days"} == json.loads(json.dumps(spec)):
+        try:
+            old = json.loads(spec_path.read_text())
+        except ValueError:
+            old = {}
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k != "days"} == json.loads(json.dumps(spec)):
             done = set(old.get("days", []))
         # Invalidate before touching files, so a crash cannot leave a stale spec behind.
         spec_path.unlink()
 
     written: list[Path] = []
-    if cfg.data.layout == "joined":
-        from cdp_rec.data import joined  # joined -> loader -> synthetic: import late
+    try:
+        if cfg.data.layout == "joined":
+            from cdp_rec.data import joined  # joined imports this module in write_generated: import late
 
-        written = joined.write_generated(cfg, out, days, fresh=not done)
-    else:
-        from cdp_rec.data.joined import remove_joined_artifacts
+            written = joined.write_generated(cfg, out, days, fresh=not done)
+        else:
+            from cdp_rec.data.joined import remove_joined_artifacts
 
-        remove_joined_artifacts(out)  # a root that held the joined layout is rows now
-        for day, table in generate_days(cfg, days):
-            written += write_rows_day(out, day, table, cfg.data.rows_per_file, cfg.data.row_group_size)
+            remove_joined_artifacts(out)  # a root that held the joined layout is rows now
+            for day, table in generate_days(cfg, days):
+                written += write_rows_day(out, day, table, cfg.data.rows_per_file, cfg.data.row_group_size)
+    except OSError as e:
+        if e.filename is not None or not e.errno:
+            raise
+        # pyarrow's write errors carry no file name (e.g. a full disk): name the data root.
+        raise OSError(e.errno, os.strerror(e.errno), str(out)) from e
     spec["days"] = sorted(done | set(days))
-    tmp_spec = spec_path.with_suffix(".json.tmp")
     tmp_spec.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_spec, spec_path)
     return written

@@ -7,7 +7,8 @@ Layout of ``<dir>/step-000001234/``::
                                    dense Adam), each rank writing its own shards
     rng-rank<r>.pt                 each rank's torch RNG state (CDP's diffusion noise)
     meta.json                      written last by rank 0: training position, world
-                                   size, batch size, table shapes, the resolved config
+                                   size, batch size, table shapes, the resolved config,
+                                   and ``files``: size and SHA-256 of every other file
 
 Crash safety: everything is written into ``.step-....tmp`` and renamed into place by
 rank 0 after every rank has finished, so a checkpoint directory either is complete or
@@ -16,6 +17,14 @@ newest ``keep_last`` checkpoints are kept.
 
 Resharding: DCP stores global offsets, so a checkpoint written by N ranks loads into M
 ranks, another sharding plan, or an unsharded model (``cdp-rec evaluate`` / ``export``).
+
+Trust: a checkpoint directory is data, not code. Every load (resume, evaluate, export)
+first checks ``meta.json`` (a JSON object with the keys the loaders use), then every
+file's size and SHA-256 against it, then unpickles ``.metadata`` with an allow-list of
+DCP's metadata classes and reads tensors and other entries with torch's weights-only
+unpickler (:mod:`cdp_rec.training.safe_load`). A checkpoint saved before the digests
+existed loads with a warning (the allow-list still applies). The digests catch damage,
+not tampering: whoever can rewrite the files can rewrite ``meta.json``.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -35,11 +45,23 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from cdp_rec.config import JobConfig, config_from_dict
+from cdp_rec.training import checksums
+from cdp_rec.training.safe_load import (
+    METADATA,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    check_storage_paths,
+    load_metadata,
+    storage_files,
+)
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -79,14 +101,125 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / META).is_file())
 
 
+# Keys every meta.json has (Checkpointer.save writes them all) and their JSON types; the
+# loaders index them directly, so a file without one is refused here, not with a KeyError.
+_META_KEYS: dict[str, type] = {
+    "global_step": int, "samples": int, "world_size": int, "model": str, "tables": dict, "config": dict,
+}
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", dict: "object", list: "array",
+               type(None): "null"}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint, checked to be an object with the keys the loaders read.
+
+    Trusted: nothing; every cause of refusal is a one-line :class:`CheckpointError`.
+    """
     meta = path / META
     if not meta.is_file():
         raise CheckpointError(f"{path}: not a committed checkpoint (no {META}; an interrupted save leaves none)")
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta}: unreadable: {e}") from e
+        data = json.loads(meta.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{meta}: unreadable ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{meta}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{meta}: holds a JSON {_JSON_TYPES.get(type(data), '?')}, not an object")
+    for key, kind in _META_KEYS.items():
+        if key not in data:
+            raise CheckpointError(f"{meta}: no {key!r} (every save writes it; the file was edited or cut)")
+        if type(data[key]) is not kind:  # type(): bool is an int, but not a step count
+            raise CheckpointError(f"{meta}: {key!r} is a JSON {_JSON_TYPES.get(type(data[key]), '?')}, "
+                                  f"not a JSON {_JSON_TYPES[kind]}")
+    return data
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _file_records(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """meta.json's ``files`` (name -> size, sha256), validated; None for a pre-digest checkpoint."""
+    files = meta.get("files")
+    if files is None:
+        return None
+    where = path / META
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: 'files' is a JSON {_JSON_TYPES.get(type(files), '?')}, not an object")
+    for name, record in files.items():
+        # Only bare names: a digest entry must not make us open a file outside the checkpoint.
+        if Path(name).name != name or name in ("", ".", "..", META):
+            raise CheckpointError(f"{where}: 'files' lists {name!r}, which is not a file of the checkpoint")
+        bad = checksums.check_record(record)
+        if bad:
+            raise CheckpointError(f"{where}: 'files' entry {name!r} {bad}")
+    return files
+
+
+def _share(names: list[str], records: dict[str, dict[str, Any]], rank: int, world: int) -> list[str]:
+    # Largest first, dealt round-robin: every rank hashes about the same number of bytes.
+    order = sorted(names, key=lambda n: (-records[n]["size"], n))
+    return order[rank::world]
+
+
+def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+    """Check this rank's share of the checkpoint's files against meta.json, before reading any.
+
+    All sizes first (a stat each: a truncated file is found without hashing anything), then
+    the digests of ``rank``'s share. A checkpoint without digests loads with a warning.
+    """
+    records = _file_records(path, meta)
+    if records is None:
+        if rank == 0:
+            log.warning("%s: saved without file digests (older cdp-rec): loading it without an integrity check", path)
+        return
+    for name in sorted(records):
+        bad = checksums.size_difference(path / name, records[name])
+        if bad:
+            raise CheckpointError(f"{path / name}: cannot read checkpoint: {bad}")
+    for name in _share(list(records), records, rank, world):
+        bad = checksums.digest_difference(path / name, records[name])
+        if bad:
+            raise CheckpointError(f"{path / name}: cannot read checkpoint: {bad}")
+
+
+def read_dcp_metadata(path: Path, meta: dict[str, Any]) -> Any:
+    """``.metadata`` through the allow-list unpickler; every data file it names must be digested.
+
+    The second check keeps DCP from reading a file that :func:`verify_files` did not see.
+    """
+    file = path / METADATA
+    try:
+        md = load_metadata(file)
+        check_storage_paths(md)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    records = _file_records(path, meta)
+    unlisted = sorted({METADATA, *storage_files(md)} - set(records)) if records is not None else []
+    if unlisted:
+        raise CheckpointError(f"{path / unlisted[0]}: not among the files {META} lists; refusing to read it")
+    return md
+
+
+def _agreed(check: Callable[[], T]) -> T:
+    """Run a check that can fail on some ranks only; then every rank raises the first failure.
+
+    A rank that raised alone would leave the others waiting in DCP's next collective.
+    """
+    if not dist.is_initialized():
+        return check()
+    err: str | None = None
+    result: Any = None
+    try:
+        result = check()
+    except CheckpointError as e:
+        err = str(e)
+    errs: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    first = next((e for e in errs if e), None)
+    if first:
+        raise CheckpointError(first)
+    return result
 
 
 def check_compatible(path: Path, meta: dict[str, Any], cfg: JobConfig, tables: dict[str, list[int]]) -> None:
@@ -103,13 +236,80 @@ def check_compatible(path: Path, meta: dict[str, Any], cfg: JobConfig, tables: d
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """DCP load through the allow-list reader and the weights-only planner (never plain pickle)."""
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
+        cause = _first_failure(e)
+        if isinstance(cause, UnsafeCheckpointError):
+            raise CheckpointError(f"{path}: {cause}") from e
+        refused = _WEIGHTS_ONLY_REFUSAL.search(str(cause))
+        if refused:  # torch's own text would suggest weights_only=False: exactly what not to do
+            raise CheckpointError(f"{path}: cannot read checkpoint (refused by the weights-only unpickler: "
+                                  f"{refused.group(1)})") from e
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first[-1] if first else e})") from e
+
+
+_WEIGHTS_ONLY_REFUSAL = re.compile(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)")
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The first failed rank's exception inside DCP's CheckpointException (else ``e``)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _read_rng(path: Path, meta: dict[str, Any]) -> torch.Tensor | None:
+    """This rank's saved torch RNG state (weights-only unpickler); None if none was saved."""
+    file = path / f"rng-rank{_rank()}.pt"
+    if not file.is_file():
+        return None  # a listed file that is missing was already refused by verify_files
+    records = _file_records(path, meta)
+    if records is not None and file.name not in records:
+        raise CheckpointError(f"{file}: not among the files {META} lists; refusing to read it")
+    try:
+        saved = torch.load(file, weights_only=True)
+    except Exception as e:  # a cut zip, a refused global, an unreadable file
+        raise CheckpointError(f"{file}: unreadable RNG state ({type(e).__name__}: {_first_line(e)})") from e
+    state = saved.get("torch") if isinstance(saved, dict) else None
+    current = torch.get_rng_state()
+    if not isinstance(state, torch.Tensor) or state.dtype != current.dtype or state.shape != current.shape:
+        raise CheckpointError(f"{file}: not a torch RNG state (expected {{'torch': {current.numel()} uint8}})")
+    return state
+
+
+def _digest_collectively(staging: Path) -> dict[str, dict[str, Any]]:
+    """Collective, after every rank's files are in ``staging``: size and SHA-256 of each.
+
+    Rank 0 lists the files (one listing, so every rank hashes from the same list), the
+    ranks hash a share each, rank 0 gets them all (the others get ``{}``).
+    """
+    if not dist.is_initialized():
+        return checksums.digest_files(staging, _listing(staging))
+    listing: list[Any] = [None]
+    if _rank() == 0:
+        listing[0] = {name: {"size": (staging / name).stat().st_size} for name in _listing(staging)}
+    dist.broadcast_object_list(listing, src=0)
+    sizes: dict[str, dict[str, Any]] = listing[0]
+    mine = checksums.digest_files(staging, _share(list(sizes), sizes, _rank(), dist.get_world_size()))
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return dict(sorted((name, d) for part in parts for name, d in part.items())) if _rank() == 0 else {}
+
+
+def _listing(staging: Path) -> list[str]:
+    return sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != META)
 
 
 class Checkpointer:
@@ -132,10 +332,20 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)  # debris of a crashed save
             shutil.rmtree(final, ignore_errors=True)
         _barrier()
-        dcp.save({"model": trainer.module.state_dict(), "optim": trainer.optimizer.state_dict()},
-                 checkpoint_id=str(staging))
-        torch.save({"torch": torch.get_rng_state()}, staging / f"rng-rank{_rank()}.pt")
+        try:
+            dcp.save({"model": trainer.module.state_dict(), "optim": trainer.optimizer.state_dict()},
+                     checkpoint_id=str(staging))
+            torch.save({"torch": torch.get_rng_state()}, staging / f"rng-rank{_rank()}.pt")
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            # A full or read-only disk surfaces as DCP's CheckpointException or torch.save's
+            # RuntimeError, not as an OSError: say which directory and why, in one line.
+            lines = str(e).strip().splitlines()
+            raise CheckpointError(f"{staging}: cannot write checkpoint ({type(e).__name__}: "
+                                  f"{lines[-1] if lines else e})") from e
         _barrier()
+        files = _digest_collectively(staging)
         if _rank() == 0:
             meta = {
                 "global_step": position.global_step,
@@ -147,6 +357,7 @@ class Checkpointer:
                 "config": trainer.cfg.to_dict(),
                 "config_hash": trainer.cfg.hash(),
                 **extra,
+                "files": files,
             }
             (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
             os.replace(staging, final)  # atomic: the checkpoint appears complete or not at all
@@ -156,9 +367,23 @@ class Checkpointer:
         return final
 
     def load(self, trainer: Any, path: Path) -> tuple[Position, dict[str, Any]]:
-        """Restore model, optimizer and this rank's RNG from ``path`` (any world size)."""
-        meta = read_meta(path)
-        check_compatible(path, meta, trainer.cfg, trainer.table_shapes)
+        """Restore model, optimizer and this rank's RNG from ``path`` (any world size).
+
+        Collective. Before DCP reads any tensor: meta.json, every file's size and digest (the
+        hashing split across ranks), ``.metadata`` through the allow-list and this rank's
+        RNG file; a failure anywhere is the same :class:`CheckpointError` on every rank.
+        """
+        world = dist.get_world_size() if dist.is_initialized() else 1
+
+        def check() -> tuple[dict[str, Any], torch.Tensor | None]:
+            meta = read_meta(path)
+            check_compatible(path, meta, trainer.cfg, trainer.table_shapes)
+            verify_files(path, meta, _rank(), world)
+            read_dcp_metadata(path, meta)
+            # Another world size deals the batches differently: the saved streams do not apply.
+            return meta, (_read_rng(path, meta) if meta["world_size"] == world else None)
+
+        meta, rng = _agreed(check)
         # Optimizer state is lazy: one zero-gradient step creates the tensors DCP loads into
         # (Adam's update is exactly 0 there, so the weights do not move).
         trainer.optimizer.init_state()
@@ -167,9 +392,8 @@ class Checkpointer:
         _dcp_load(state, path)
         trainer.module.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optim"])
-        rng = path / f"rng-rank{_rank()}.pt"
-        if rng.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
-            torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+        if rng is not None:
+            torch.set_rng_state(rng)
         pos = Position(meta["global_step"], meta["samples"], meta.get("final", False))
         return pos, meta
 
@@ -187,6 +411,14 @@ def config_of(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> JobCon
     return config_from_dict(data, where=str(path / META))
 
 
+def _verified(path: Path) -> dict[str, Any]:
+    """meta.json, after every file's digest and ``.metadata``'s allow-list check (one process)."""
+    meta = read_meta(path)
+    verify_files(path, meta)
+    read_dcp_metadata(path, meta)
+    return meta
+
+
 def load_unsharded(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[nn.Module, JobConfig]:
     """An unsharded model with the checkpoint's weights, whatever world size wrote it."""
     from cdp_rec.models import build_model
@@ -194,13 +426,48 @@ def load_unsharded(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     cfg = config_of(path, overrides)
     model = build_model(cfg)
     check_compatible(path, read_meta(path), cfg, table_shapes(model))
+    _verified(path)
     state = {"model": model.state_dict()}
     _dcp_load(state, path)
     model.load_state_dict(state["model"])
     return model, cfg
 
 
-def export(path: Path, out: Path) -> dict[str, Any]:
+def check_export_target(out: Path, force: bool = False) -> None:
+    """Refuse to export over anything but nothing, an empty directory or (``force``) a previous export.
+
+    A previous export is recognised by its ``manifest.json``, which :func:`export` writes
+    last; any other non-empty directory may be someone's data and is never replaced.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CheckpointError(f"{out}: exists and is not a plain directory (a file or a link); "
+                              "refusing to export over it")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise CheckpointError(f"{out}: exists, is not empty and holds no previous export ({MANIFEST}); "
+                              "refusing to export into it")
+    if not force:
+        raise CheckpointError(f"{out}: holds a previous export; use --force to replace it")
+
+
+def _commit_export(staging: Path, out: Path, force: bool) -> None:
+    check_export_target(out, force)  # again: another export may have finished meanwhile
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(staging, out)  # onto nothing or an empty directory: atomic
+        return
+    # A directory cannot atomically replace a non-empty one: move the old export aside first.
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(path: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Write an unsharded serving artifact: one ``.npy`` per table, ``dense.pt``, config, manifest.
 
     Each table's ``.npy`` is created on disk first and memory-mapped; DCP then reads the
@@ -209,22 +476,45 @@ def export(path: Path, out: Path) -> dict[str, Any]:
     saved shard in its own memory plus file-backed pages the OS can write back - never a
     whole table, and never the whole model - so a table larger than the export box's RAM
     still exports. Dense weights are small and go to ``dense.pt``.
+
+    Everything is written into the sibling ``<out>.tmp-<pid>`` and renamed to ``out`` at
+    the end, so ``out`` is a complete export or absent (a failed export removes its staging
+    directory; a killed one leaves only that). ``out`` may be absent or empty; a previous
+    export (it has ``manifest.json``) is replaced only with ``force``; anything else is
+    refused. ``manifest.json`` lists the size and SHA-256 of every other file.
     """
     from cdp_rec.models import build_model
 
+    out = Path(out)
+    check_export_target(out, force)  # before the work, which can take long
     cfg = config_of(path)
-    meta = read_meta(path)
     model = build_model(cfg, device="meta")
-    check_compatible(path, meta, cfg, table_shapes(model))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tables").mkdir(exist_ok=True)
+    check_compatible(path, read_meta(path), cfg, table_shapes(model))
+    meta = _verified(path)
+    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier process with our pid
+        manifest = _write_export(path, meta, model, staging)
+        _commit_export(staging, out, force)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{out}: export failed ({e.strerror or type(e).__name__}: {e.filename or e})") from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: Path) -> dict[str, Any]:
+    (staging / "tables").mkdir(parents=True)
     manifest: dict[str, Any] = {"checkpoint": str(path), "global_step": meta["global_step"], "tables": {}}
     dense: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         if ".embedding_bags." in key:
             table = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
             target = np.lib.format.open_memmap(
-                out / "tables" / f"{table}.npy", mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype,
+                staging / "tables" / f"{table}.npy", mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype,
                 shape=tuple(t.shape),
             )
             _dcp_load({"model": {key: torch.from_numpy(target)}}, path)
@@ -236,7 +526,9 @@ def export(path: Path, out: Path) -> dict[str, Any]:
     if dense:
         buf = {"model": dense}
         _dcp_load(buf, path)
-        torch.save(buf["model"], out / "dense.pt")
-    (out / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        torch.save(buf["model"], staging / "dense.pt")
+    (staging / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
+    names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    manifest["files"] = checksums.digest_files(staging, names)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks a complete export
     return manifest

@@ -12,6 +12,11 @@ One loop for both modes:
 
 Writes ``<run_dir>/<run_name>/config.yaml``, ``metrics.json`` and, when sharded,
 ``plan.json`` (rank 0 only).
+
+Safety: rank 0 holds an exclusive lock on the run directory for the whole run (see
+:mod:`cdp_rec.training.run_lock`); ``checkpoint.resume=never`` moves an earlier run's
+checkpoints aside instead of mixing with or pruning against them; a diverging loss stops
+the run (see :class:`LossGuard`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,10 @@ from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spe
 from cdp_rec.data.schema import Batch, is_sequence_feature
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
-from cdp_rec.training.checkpoint import Checkpointer, Position, table_shapes
+from cdp_rec.training.checkpoint import Checkpointer, Position, list_checkpoints, table_shapes
 from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
 from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer, use_sparse_gradients
+from cdp_rec.training.run_lock import RunLock, acquire_run_lock
 from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
 from embeddings.state import load_full_state
 
@@ -49,6 +56,54 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); says where it happened."""
+
+
+class LossGuard:
+    """Stops a diverging run instead of letting it finish with a meaningless model.
+
+    Per training step (``update``), on the step's mean ``bce`` and total ``loss``:
+
+    * the smoothed BCE (exponential moving average, weight ``1 - decay`` ~ the last 10
+      steps) above ``max_bce`` nats (10): the BCE of predicting the base rate is at most
+      ln 2 = 0.69 and a trained ranker's is ~0.1-0.6, so a smoothed 10 means confidently
+      wrong logits batch after batch, i.e. the weights blew up (``train.sparse_lr=1e9``
+      reaches a loss of ~1e28 in a few steps);
+    * after ``warmup`` steps (50), the smoothed total loss (BCE plus any auxiliary term)
+      above ``factor`` (100) x its smoothed level at the end of the warm-up (that level
+      floored at 0.1, so a near-zero reference cannot make noise look like divergence).
+
+    Non-finite losses are caught earlier, in :meth:`Trainer.train_steps`. Either way a
+    :class:`TrainingError` names the step and what to change.
+    """
+
+    def __init__(self, max_bce: float = 10.0, factor: float = 100.0, warmup: int = 50, decay: float = 0.9) -> None:
+        self.max_bce, self.factor, self.warmup, self.decay = max_bce, factor, warmup, decay
+        self.bce: float | None = None
+        self.loss: float | None = None
+        self.reference: float | None = None
+        self.steps = 0
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def update(self, loss: float, bce: float, step: int) -> None:
+        self.steps += 1
+        self.bce, self.loss = self._smooth(self.bce, bce), self._smooth(self.loss, loss)
+        hint = "lower train.dense_lr / train.sparse_lr (or check the data)"
+        if not (math.isfinite(self.bce) and math.isfinite(self.loss)):
+            raise TrainingError(f"training diverged at step {step}: non-finite smoothed loss; {hint}")
+        if self.bce > self.max_bce:
+            raise TrainingError(
+                f"training diverged at step {step}: smoothed BCE {self.bce:.4g} > {self.max_bce:g} "
+                f"(a sane ranker is below 0.7); {hint}"
+            )
+        if self.steps == self.warmup:
+            self.reference = max(self.loss, 0.1)
+        if self.reference is not None and self.loss > self.factor * self.reference:
+            raise TrainingError(
+                f"training diverged at step {step}: smoothed loss {self.loss:.4g} > {self.factor:g} x its "
+                f"level {self.reference:.4g} after {self.warmup} steps; {hint}"
+            )
 
 
 @dataclass
@@ -67,7 +122,10 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
 
     A missing root is generated (synthetic) when ``data.generate_if_missing`` allows it,
     else an error. An existing root written by the generator for another feature spec is
-    an error naming the differing key — never silently overwritten or misread.
+    an error naming the differing key — never silently overwritten or misread. Only a
+    missing root is ever written (and :func:`~cdp_rec.data.synthetic.generate_dataset`
+    itself refuses a non-empty directory it did not write), so this never touches a
+    directory of real logs.
     """
     if root.exists():
         check_dataset_spec(root, cfg.features)
@@ -80,7 +138,7 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
     from cdp_rec.data.synthetic import generate_dataset
 
     log.info("data root %s missing: generating the synthetic data set (seed %d)", root, cfg.data.seed)
-    generate_dataset(cfg, root)
+    generate_dataset(cfg, root, force=False)
 
 
 def run_name(cfg: JobConfig) -> str:
@@ -139,8 +197,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_steps(self, batches: Iterable[Batch], on_step: Callable[[dict[str, torch.Tensor]], None]) -> int:
-        """Run one optimizer step per batch; ``on_step`` sees each step's output dict."""
+    def train_steps(
+        self, batches: Iterable[Batch], on_step: Callable[[dict[str, torch.Tensor]], None], first_step: int = 0
+    ) -> int:
+        """Run one optimizer step per batch; ``on_step`` sees each step's output dict.
+
+        ``first_step``: the global step before these batches (errors name global steps).
+        """
         self.module.train()
         prepared: Iterator[Batch] = (self.model.prepare_batch(b) for b in batches)
         steps = 0
@@ -152,13 +215,13 @@ class Trainer:
                     out = self.pipeline.progress(prepared)
                 except StopIteration:
                     break
-                self._check_finite(out, steps)
+                self._check_finite(out, first_step + steps + 1)
                 on_step(out)
                 steps += 1
             return steps
         for batch in prepared:
             loss, out = self.module(batch.to(self.device))
-            self._check_finite(out, steps)
+            self._check_finite(out, first_step + steps + 1)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -168,10 +231,10 @@ class Trainer:
 
     @staticmethod
     def _check_finite(out: dict[str, torch.Tensor], step: int) -> None:
-        if not torch.isfinite(out["loss"]).all():
+        if not (torch.isfinite(out["loss"]).all() and torch.isfinite(out["bce"]).all()):
             raise TrainingError(
-                f"non-finite loss {out['loss'].item()} at step {step} (bce={out['bce'].item()}); "
-                "lower the learning rates or check the data"
+                f"training diverged: non-finite loss {out['loss'].item()} at step {step} "
+                f"(bce={out['bce'].item()}); lower train.dense_lr / train.sparse_lr or check the data"
             )
 
     # ------------------------------------------------------------------ evaluation
@@ -228,11 +291,45 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
     Distributed when launched by torchrun / torchx (``WORLD_SIZE`` in the environment).
     """
     ctx = init_from_env(cfg.sharding.compute_device) if launched_distributed() else None
+    lock: RunLock | None = None
     try:
+        if ctx is None or ctx.is_main:
+            # One job per run directory; only rank 0 locks (the other ranks are the same job).
+            # A torchrun restart's rank 0 waits briefly for the previous one to be gone.
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            lock = acquire_run_lock(Path(cfg.train.run_dir) / run_name(cfg), wait_s=30.0 if restarted else 0.0)
         return _train(cfg, Path(data_root or cfg.data.root), ctx)
     finally:
+        if lock is not None:
+            lock.release()
         if ctx is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def move_aside_checkpoints(ckpt_dir: Path) -> Path | None:
+    """A fresh start (``checkpoint.resume=never``) must not prune against, or later resume
+    from, another run's checkpoints: rename the checkpoint directory, if it holds committed
+    checkpoints, to the sibling ``<name>.replaced-<UTC time>``. Returns where they went.
+
+    When the directory cannot be renamed (e.g. a mount point) its checkpoints are moved
+    into ``<dir>/replaced-<UTC time>/`` instead (not listed as checkpoints either).
+    """
+    if not list_checkpoints(ckpt_dir):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{stamp}-{n}")
+    try:
+        os.rename(ckpt_dir, dest)
+    except OSError:
+        dest = ckpt_dir / f"replaced-{stamp}"
+        dest.mkdir()
+        for old in list_checkpoints(ckpt_dir):
+            os.rename(old, dest / old.name)
+    return dest
 
 
 def preflight_capacity(cfg: JobConfig, world_size: int, local_world_size: int) -> None:
@@ -249,10 +346,17 @@ def preflight_capacity(cfg: JobConfig, world_size: int, local_world_size: int) -
 def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     is_main = ctx is None or ctx.is_main
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    out_dir = Path(cfg.train.run_dir) / run_name(cfg)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    if is_main and cfg.checkpoint.resume == "never":
+        moved = move_aside_checkpoints(ckpt_dir)
+        if moved is not None:
+            log.warning("checkpoint.resume=never: moved the existing checkpoints of %s aside to %s "
+                        "(this run starts fresh and will not resume from or delete them)", ckpt_dir, moved)
     if is_main:
         ensure_data(cfg, root)
     if ctx is not None:
-        dist.barrier()  # the others wait for rank 0 to (maybe) generate the data
+        dist.barrier()  # the others wait for rank 0 to (maybe) generate the data / move checkpoints
         check_dataset_spec(root, cfg.features)
     if ctx is not None:
         preflight_capacity(cfg, world, ctx.local_world_size)
@@ -261,7 +365,6 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         else cfg.train.eval_batch_size
 
     trainer = Trainer(cfg, ctx)
-    out_dir = Path(cfg.train.run_dir) / run_name(cfg)
     if ctx is not None:
         # Which process is which rank: operators (and the fault-tolerance test) kill by pid.
         (out_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -290,8 +393,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    ckpt = Checkpointer(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints",
-                        cfg.checkpoint.keep_last)
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last)
     checkpointing = cfg.checkpoint.at_day_end or cfg.checkpoint.every_steps > 0
     pos = Position()
     latest = ckpt.latest() if cfg.checkpoint.resume == "auto" else None
@@ -335,6 +437,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
                disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
     t0 = time.perf_counter()
     seen_at_start = state["seen"]
+    guard = LossGuard()
 
     def on_step(out: dict[str, torch.Tensor]) -> None:
         n = out["logits"].numel() * world  # global samples this step (ranks step together)
@@ -344,6 +447,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         state["loss"] = loss if state["loss"] is None else 0.98 * state["loss"] + 0.02 * loss
         bar.update(n)
         step = state["steps"]
+        guard.update(loss, out["bce"].item(), step)
         if step % cfg.train.log_every == 0:
             rate = (state["seen"] - seen_at_start) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{state['loss']:.4f}", samples_s=f"{rate:,.0f}", day=state["day"])
@@ -356,9 +460,11 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
             final = step == sum(n for _, _, n in schedule)
             ckpt.save(trainer, Position(step, state["seen"], final), {"local_batch_size": bs})
 
-    if not pos.final:
-        trainer.train_steps(train_batches(), on_step)
-    bar.close()
+    try:
+        if not pos.final:
+            trainer.train_steps(train_batches(), on_step, first_step=start)
+    finally:
+        bar.close()
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -1,0 +1,37 @@
+"""The data set spec file ``<root>/_dataset.json``: its name and how it is read and written.
+
+Written by every data set writer (the synthetic generator, ``convert``, ``import``) and
+read by the readers (:func:`cdp_rec.data.loader.check_dataset_spec`), so it lives beside
+the schema and imports nothing from either side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DATASET_SPEC_FILE = "_dataset.json"
+
+
+def spec_path(root: str | Path) -> Path:
+    return Path(root) / DATASET_SPEC_FILE
+
+
+def read_dataset_spec(root: str | Path) -> dict[str, Any] | None:
+    """``<root>/_dataset.json`` parsed, or None when it does not exist (OSError / JSONDecodeError
+    when it cannot be read; :func:`cdp_rec.data.loader.read_json_file` turns those into a DataError)."""
+    path = spec_path(root)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_dataset_spec(root: str | Path, spec: dict[str, Any]) -> Path:
+    """Write ``spec`` (sorted keys, indented) to a temporary name and rename it into place."""
+    path = spec_path(root)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
