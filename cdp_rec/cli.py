@@ -1,4 +1,4 @@
-"""``cdp-rec`` command line: ``gen-data``, ``convert``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
+"""``cdp-rec`` command line: ``gen-data``, ``import``, ``convert``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
 
 Training-side subcommands take ``--config FILE`` (default: the embedded tiny config) and any
 number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs, bad
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in this many worker processes (cores / jobs threads each), then tabulate")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     p.set_defaults(func=cmd_compare)
+    from cdp_rec.data.importers.cli import add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 

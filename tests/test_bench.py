@@ -98,3 +98,13 @@ def test_checkpoint_quick(tmp_path):
         for key in ("save_s", "load_s", "export_s", "checkpoint_bytes", "parameter_bytes", "export_bytes"):
             assert _positive(r[key]), (key, r)
         assert r["loaded_equal"] is True
+
+
+def test_import_quick(tmp_path):
+    data = _run("bench/import.py", tmp_path)
+    assert data["bench"] == "import" and data["negatives"] == 4
+    (r,) = data["rows"]
+    assert r["events"] == 200_000 and r["rows"] == 5 * 200_000 and r["layout"] == "rows"
+    for key in ("wall_s", "events_per_s", "rows_per_s", "peak_rss_mib", "rss_before_mib", "in_bytes", "out_bytes"):
+        assert _positive(r[key]), (key, r)
+    assert r["peak_rss_mib"] >= r["rss_before_mib"]
