@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -97,7 +98,8 @@ def synthetic_batches(features: Any, batch_size: int, seq_len: int, n: int, seed
     from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch, id_ranges, sparse_keys
 
     g = torch.Generator().manual_seed(seed)
-    ranges = id_ranges(features)
+    # Vocabulary sizes as dense ids (a raw-id table's size is its row count; callers scramble if they want raw ids).
+    ranges = id_ranges(dataclasses.replace(features, id_mapping={}))
     keys = sparse_keys(features)
     singles = [k for k in keys if k not in (HIST_ITEMS, HIST_CATEGORIES)]
     B, L = batch_size, seq_len

@@ -71,6 +71,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({m['num_train_samples']} train / {m['num_eval_samples']} eval samples, "
         f"{m['train_samples_per_s']:.0f} samples/s)"
     )
+    best = m.get("restored") or m.get("best_validation")
+    if best:
+        how = "stopped early" if m.get("stopped_early") else "ran"
+        used = "tested with its weights" if m.get("restored") else "tested with the last weights"
+        print(f"validation: best {best['monitor']} {_fmt(best['value'])} at epoch {best['epoch']} step {best['step']} "
+              f"({how} {m['epochs_run']} of {cfg.train.epochs} epochs; {used})")
     print(f"metrics: {result.run_dir / 'metrics.json'}")
     return 0
 

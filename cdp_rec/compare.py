@@ -6,7 +6,10 @@ the same config, data root and test day(s), with ``--set model.name=<model>`` an
 initialisation / noise draws (the data set is generated once, by its own
 ``data.seed``). The report is the paper's Table 1 (baselines vs CDP) and, when CDP
 ablations were run, Table 2: AUC / UAUC / GAUC as mean ± sample std over the seeds,
-training throughput (samples/s, from ``metrics.json``) and inference latency.
+training throughput (samples/s, from ``metrics.json``) and inference latency. When
+``lr_counts`` (logistic regression on streaming click-rate counts, no behaviour
+history) ran, it is the *floor*: listed first, and every table gets a column with each
+model's AUC minus the floor's (a model at or below it learns nothing the counts do not).
 
 Inference latency (ms/batch) is measured separately from the evaluation pass: a fresh
 model of the same config scores the first ``train.eval_batch_size`` rows of the test
@@ -39,10 +42,12 @@ from cdp_rec.config import ConfigError, JobConfig, load_config
 
 log = logging.getLogger(__name__)
 
-# Paper Table 1 order (the base model and our extra baselines around it), then Table 2.
-TABLE1_ORDER = ("base", "din", "sim", "qin", "twin", "hstu", "ddrm", "diffrec", "diffumin", "cdp")
+# Paper Table 1 order (the count floor, the base model and our extra baselines around it), then Table 2.
+FLOOR = "lr_counts"
+TABLE1_ORDER = (FLOOR, "base", "din", "sim", "qin", "twin", "hstu", "ddrm", "diffrec", "diffumin", "cdp")
 TABLE2_ORDER = ("cdp_no_condition", "cdp_no_collab", "cdp_no_context", "cdp_no_moe", "cdp_no_diffusion", "cdp")
 DISPLAY = {
+    FLOOR: "LR on click counts (floor)",
     "base": "Base (mean pooling)",
     "din": "DIN",
     "sim": "SIM",
@@ -160,18 +165,26 @@ def markdown(summaries: list[Summary], header: dict[str, Any]) -> str:
     by_name = {s.model: s for s in summaries}
     n_seeds = max((len(s.seeds) for s in summaries), default=0)
     metric_hdr = " | ".join(k.upper() + (" (mean ± std)" if n_seeds > 1 else "") for k in METRICS)
+    floor_auc = by_name[FLOOR].mean["auc"] if FLOOR in by_name else None
+
+    def vs_floor(name: str) -> str:
+        if name == FLOOR:
+            return "floor"
+        auc = by_name[name].mean["auc"]
+        return "n/a" if auc is None or floor_auc is None else f"{auc - floor_auc:+.4f}"
 
     def table(names: list[str]) -> list[str]:
+        extra = FLOOR in by_name
         lines = [
-            f"| Model | {metric_hdr} | train samples/s | inference ms/batch |",
-            "|---|" + "---|" * (len(METRICS) + 2),
+            f"| Model | {metric_hdr} | train samples/s | inference ms/batch |" + (" AUC - floor |" if extra else ""),
+            "|---|" + "---|" * (len(METRICS) + 2 + int(extra)),
         ]
         for name in names:
             s = by_name[name]
             cells = [_fmt(s.mean[k], s.std[k], len(s.seeds)) for k in METRICS]
             lines.append(
                 f"| {DISPLAY.get(name, name)} | {' | '.join(cells)} | {s.train_samples_per_s:,.0f} | "
-                f"{s.inference_ms_per_batch:.1f} |"
+                f"{s.inference_ms_per_batch:.1f} |" + (f" {vs_floor(name)} |" if extra else "")
             )
         return lines
 
@@ -188,6 +201,10 @@ def markdown(summaries: list[Summary], header: dict[str, Any]) -> str:
         "impression-weighted per-request AUC). Throughput and latency are single-process CPU numbers "
         "from this machine; compare them within this report only.",
     ]
+    if floor_auc is not None:
+        out += ["", "Floor: logistic regression on smoothed click rates of user, item, query, category and "
+                "(user, category), counted leak-free over the training stream (`lr_counts`, no behaviour "
+                "history). `AUC - floor` is each model's mean AUC minus the floor's."]
     return "\n".join(out) + "\n"
 
 

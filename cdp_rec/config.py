@@ -108,13 +108,56 @@ def _positive_float(where: Where, key: str, value: float, allow_zero: bool = Fal
         _fail(where, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+ID_MAPPINGS = ("dense", "hash", "managed")
+EVICTION_POLICIES = ("distance_lfu", "lru", "lfu")
+
+
+@dataclass
+class ZchConfig:
+    """Settings of every ``managed`` table (``features.id_mapping``): TorchRec's
+    ``MCHManagedCollisionModule`` (zero-collision hashing) in front of the table.
+
+    A managed table of ``N`` rows holds up to ``N - 1`` raw ids, one row each; its last row
+    is shared by the ids it holds no row for (not admitted yet, or unseen in evaluation).
+    Ids are admitted, and rows reclaimed, in *rounds*: every ``eviction_interval`` training
+    steps the ids seen since the last round are counted; new ids take free rows, and when
+    the table is full the lowest-scored ids (``eviction_policy``) give theirs up.
+    ``ttl_steps`` > 0 also frees, each round, the rows of ids unseen for more than that
+    many steps (``lru`` / ``distance_lfu`` only). See :mod:`embeddings.id_mapping`.
+    """
+
+    # distance_lfu: count / (steps since last seen + 1)**decay_exponent; lru: last seen;
+    # lfu: count (TorchRec's DistanceLFU_ / LRU_ / LFU_EvictionPolicy).
+    eviction_policy: str = "distance_lfu"
+    # Steps between admission / eviction rounds. 1: an id gets its row in the step it first
+    # appears (exact resume at any step); larger amortises the round (a sort of the table's
+    # N ids) over more steps, new ids share the last row until the next round, and a resume
+    # is exact only from a checkpoint whose step is a multiple of it.
+    eviction_interval: int = 1
+    # > 0: free the rows of ids unseen for more than this many training steps (0: never;
+    # rows are then reclaimed only when the table is full and new ids arrive).
+    ttl_steps: int = 0
+    decay_exponent: float = 1.0
+
+    def validate(self, where: Where) -> None:
+        _choice(where, "features.zch.eviction_policy", self.eviction_policy, EVICTION_POLICIES)
+        _positive(where, "features.zch", self, ("eviction_interval",))
+        _positive(where, "features.zch", self, ("ttl_steps",), minimum=0)
+        _positive_float(where, "features.zch.decay_exponent", self.decay_exponent)
+        if self.ttl_steps and self.eviction_policy == "lfu":
+            _fail(where, ("features.zch.ttl_steps", "features.zch.eviction_policy"),
+                  "needs an eviction_policy that records when an id was last seen (lru or distance_lfu), got lfu")
+
+
 @dataclass
 class FeatureConfig:
     """Feature spec: vocabulary sizes and which columns are context / scene.
 
-    Ids must lie in ``[0, size)``; the loader rejects anything else. Context and scene
-    columns are declared here (column name -> vocabulary size), never hard-coded, so a
-    new context column is a config change.
+    With the default ``dense`` id mapping, ids must lie in ``[0, size)``; the loader rejects
+    anything else. ``id_mapping`` makes a table take raw 64-bit ids instead (``hash`` /
+    ``managed``, see :mod:`embeddings.id_mapping`); ``size`` is then its number of rows.
+    Context and scene columns are declared here (column name -> vocabulary size), never
+    hard-coded, so a new context column is a config change.
     """
 
     num_users: int = 2_000
@@ -126,6 +169,17 @@ class FeatureConfig:
         default_factory=lambda: {"client": 3, "search_source": 4}
     )
     max_seq_len: int = 50
+    # Table name (as ``sharding.constraints`` names them) -> how its ids become rows:
+    # "dense" (ids are row numbers 0..size-1, range-checked; unlisted tables), "hash" (any
+    # int64 id -> splitmix64(id) mod size: stateless, collisions possible) or "managed"
+    # (any int64 id -> its own row while the table has room: ``zch``). The behaviour
+    # sequence always maps like the target (a history item and the same target item share
+    # one row). Not part of the data set: ``_dataset.json`` does not compare it.
+    id_mapping: dict[str, str] = field(default_factory=dict)
+    zch: ZchConfig = field(default_factory=ZchConfig)
+    # hash tables: keep the smallest raw id seen per row (8 bytes + 1 per row) to count the
+    # rows shared by two or more ids (the per-day "id mapping" report); false: no state.
+    hash_collision_stats: bool = True
 
     def validate(self, where: Where) -> None:
         _positive(where, "features", self, ("num_users", "num_items", "num_queries", "num_categories", "max_seq_len"))
@@ -142,6 +196,19 @@ class FeatureConfig:
                     _fail(where, f"features.{group}.{col}", "clashes with a built-in column")
                 if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                     _fail(where, f"features.{group}.{col}", f"must be a positive int, got {size!r}")
+        known = embedding_table_names(self)
+        for table, kind in self.id_mapping.items():
+            if table not in known:
+                _fail(where, f"features.id_mapping.{table}", f"names an unknown table {table!r} (known tables: {known})")
+            _choice(where, f"features.id_mapping.{table}", kind, ID_MAPPINGS)
+        sizes = dict(zip(known, [self.num_queries, self.num_users, self.num_items, self.num_categories,
+                                 *self.context_features.values(), *self.scene_features.values()]))
+        for table, kind in self.id_mapping.items():
+            if kind == "managed" and sizes[table] < 2:
+                _fail(where, f"features.id_mapping.{table}",
+                      f"managed needs a table of >= 2 rows (one is the shared row of ids without one), "
+                      f"got {sizes[table]}")
+        self.zch.validate(where)
 
 
 # Columns every data set has; context/scene columns come from FeatureConfig.
@@ -194,9 +261,49 @@ class DataConfig:
     # shrinking data set is worse than a crash); true turns it into a warning and the
     # day is skipped (e.g. an outage day in real logs).
     allow_empty_days: bool = False
+    # Synthetic generator only: strength of a click term that depends on *which*
+    # in-category behaviours match the impression's context and scene (README "Model zoo
+    # and comparisons", cdp_rec/data/synthetic.py "Context signal"). 0 = no such term:
+    # exactly the data of earlier versions, bit for bit.
+    context_signal: float = 0.0
+    # Synthetic generator only (cdp_rec/data/raw_ids.py): write user / query / item /
+    # category ids as raw 62-bit ids (a fixed bijection of the dense ids), for tables with
+    # features.id_mapping hash or managed; and relaunch this share of the item and query
+    # slots under new ids every day (needs raw_ids). Both off: the data of earlier versions.
+    raw_ids: bool = False
+    id_churn: float = 0.0
+    # Validation (README "How training picks its stopping point"): held out of training,
+    # scored every epoch (and every train.eval_every steps) for early stopping, the
+    # plateau schedule and the restored best weights. Either the last ``valid_days`` of
+    # the ``train_days`` (whole days), or, with valid_days 0, ``valid_fraction`` of the
+    # last training day, chosen by ``valid_split``: "tail" = the day's last batches in
+    # reading order (the latest impressions of time-ordered logs such as the generator's);
+    # "per_user" = each user's last floor(valid_fraction * n) of its n rows that day (for
+    # logs stored user by user, e.g. `cdp-rec import` output, whose tail would be whole
+    # users). Each rank splits its own share of the day. Both 0: no validation, the run
+    # trains every epoch and tests its last weights.
+    valid_days: int = 0
+    valid_fraction: float = 0.05
+    valid_split: str = "tail"
 
     def validate(self, where: Where) -> None:
+        _positive(where, "data", self, ("valid_days",), minimum=0)
+        if self.valid_days and self.valid_days >= self.train_days:
+            _fail(where, ("data.valid_days", "data.train_days"),
+                  f"must be < data.train_days={self.train_days} (at least one day must train), got {self.valid_days}")
+        if not (math.isfinite(self.valid_fraction) and 0 <= self.valid_fraction < 1):
+            _fail(where, "data.valid_fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        if self.valid_days and self.valid_fraction:
+            _fail(where, ("data.valid_fraction", "data.valid_days"),
+                  "and data.valid_days are two ways to hold out validation data; set one of them to 0")
+        _choice(where, "data.valid_split", self.valid_split, ("tail", "per_user"))
+        if not 0 <= self.id_churn < 1:
+            _fail(where, "data.id_churn", f"must be in [0, 1), got {self.id_churn}")
+        if self.id_churn and not self.raw_ids:
+            _fail(where, ("data.id_churn", "data.raw_ids"),
+                  "needs data.raw_ids=true (relaunched ids grow past the dense vocabulary)")
         _choice(where, "data.layout", self.layout, LAYOUTS)
+        _positive_float(where, "data.context_signal", self.context_signal, allow_zero=True)
         if not self.root:
             _fail(where, "data.root", "must be a non-empty path")
         _positive(where, "data", self, ("train_days", "test_days", "samples_per_day", "rows_per_file",
@@ -269,6 +376,8 @@ MODEL_NAMES = (
     "cdp_no_context",
     "cdp_no_moe",
     "cdp_no_diffusion",
+    # Logistic regression on streaming, leak-free click-rate counts: the floor of compare.
+    "lr_counts",
 )
 ABLATIONS = ("none", "no_condition", "no_collaborative", "no_context_scene", "no_moe", "no_diffusion")
 
@@ -297,10 +406,18 @@ class ModelConfig:
     num_interests: int = 4
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
+    # CDP: what the ranker sees of the behaviours. "both" = the category-filtered mean x0
+    # and the purified interest (this code's default since the first version); "purified"
+    # = the purified interest alone, the paper's eq. (1) / (10) wiring.
+    cdp_ranker_input: str = "both"
+    # lr_counts: smoothing strength a of the click rates (clicks + a * prior) / (impressions + a).
+    counts_smoothing: float = 20.0
 
     def validate(self, where: Where) -> None:
         _choice(where, "model.name", self.name, MODEL_NAMES)
         _choice(where, "model.ablation", self.ablation, ABLATIONS)
+        _choice(where, "model.cdp_ranker_input", self.cdp_ranker_input, ("both", "purified"))
+        _positive_float(where, "model.counts_smoothing", self.counts_smoothing)
         _positive(where, "model", self, ("embedding_dim", "condition_dim", "condition_hidden", "time_embedding_dim",
                                          "attention_len", "top_k", "num_heads", "num_layers", "num_interests"))
         _positive_float(where, "model.contrastive_temperature", self.contrastive_temperature)
@@ -309,6 +426,71 @@ class ModelConfig:
             if not getattr(self, name) or any(h <= 0 for h in getattr(self, name)):
                 _fail(where, f"model.{name}", f"must be a non-empty list of positive ints, got {getattr(self, name)}")
         self.diffusion.validate(where)
+
+
+MONITORS = ("auc", "logloss", "uauc", "gauc")
+
+
+@dataclass
+class EarlyStopConfig:
+    """Early stopping on the validation data (``data.valid_days`` / ``data.valid_fraction``).
+
+    After every validation the monitored metric is compared with the best so far; a value
+    better by more than ``min_delta`` is a new best (saved as ``<checkpoints>/best/``).
+    ``patience`` validations in a row without one stop the run (``train.epochs`` is then an
+    upper bound). With ``restore_best`` the test days are scored with the best weights.
+    Without validation data nothing here applies.
+    """
+
+    enabled: bool = True
+    monitor: str = "auc"  # auc | logloss | uauc | gauc
+    mode: str = "auto"  # max | min | auto (min for logloss, max for the AUCs)
+    patience: int = 2
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def validate(self, where: Where) -> None:
+        e = "train.early_stop"
+        _choice(where, f"{e}.monitor", self.monitor, MONITORS)
+        _choice(where, f"{e}.mode", self.mode, ("auto", "max", "min"))
+        _positive(where, e, self, ("patience",))
+        _positive_float(where, f"{e}.min_delta", self.min_delta, allow_zero=True)
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.monitor == "logloss" else "max"
+
+
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning-rate multiplier applied to both ``dense_lr`` and ``sparse_lr`` every step.
+
+    ``warmup_steps``: linear ramp ``(step + 1) / warmup_steps`` over the first steps; then
+    ``constant`` (1), ``cosine`` (from 1 down to ``min_lr_ratio`` at the last scheduled step
+    of ``train.epochs``) or ``plateau`` (times ``plateau_factor`` after ``plateau_patience``
+    validations in a row without a new best of ``train.early_stop.monitor``, never below
+    ``min_lr_ratio``; needs validation data). See :mod:`cdp_rec.training.lr_schedule`.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+
+    def validate(self, where: Where) -> None:
+        s = "train.lr_schedule"
+        _choice(where, f"{s}.kind", self.kind, LR_SCHEDULES)
+        _positive(where, s, self, ("warmup_steps",), minimum=0)
+        _positive(where, s, self, ("plateau_patience",))
+        if not (math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            _fail(where, f"{s}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1):
+            _fail(where, f"{s}.plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
 
 
 @dataclass
@@ -325,7 +507,8 @@ class TrainConfig:
     # must show learning that 18B samples show at 2.5e-4 / 5e-4 (configs/industrial.yaml).
     dense_lr: float = 1e-3
     sparse_lr: float = 5e-3
-    # Passes over the training days; the paper trains once over its 60 days.
+    # Passes over the training days (an upper bound when early stopping is on and there
+    # is validation data); the paper trains once over its 60 days.
     epochs: int = 1
     seed: int = 0
     run_dir: str = "runs"
@@ -335,11 +518,26 @@ class TrainConfig:
     # Stop after this many steps (0: run every epoch and day). For smoke runs, and to
     # interrupt a run on purpose; a stopped run is resumable from its checkpoints.
     max_steps: int = 0
+    # Validate every this many steps as well as at every epoch end (0: epoch ends only).
+    eval_every: int = 0
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    # L2 on the embedding rows a step looks up: + embedding_l2 / 2 * sum of their squared
+    # norms (each distinct row once per step) added to the loss; sharded tables (fused
+    # optimizers) get it on their pooled lookups instead. 0: off.
+    embedding_l2: float = 0.0
+    # Decoupled (AdamW-style) weight decay of the dense weight matrices (not biases or
+    # norms); 0: plain Adam.
+    weight_decay: float = 0.0
 
     def validate(self, where: Where) -> None:
         _choice(where, "train.batch_size_scope", self.batch_size_scope, ("global", "per_rank"))
         _positive(where, "train", self, ("batch_size", "eval_batch_size", "epochs", "log_every"))
-        _positive(where, "train", self, ("max_steps", "seed"), minimum=0)  # max_steps 0: no limit
+        _positive(where, "train", self, ("max_steps", "seed", "eval_every"), minimum=0)  # max_steps 0: no limit
+        self.early_stop.validate(where)
+        self.lr_schedule.validate(where)
+        _positive_float(where, "train.embedding_l2", self.embedding_l2, allow_zero=True)
+        _positive_float(where, "train.weight_decay", self.weight_decay, allow_zero=True)
         # Finite and > 0; no upper bound here: a rate that makes training diverge is caught
         # by the trainer's divergence check, which sees what actually happens.
         for name in ("dense_lr", "sparse_lr"):
@@ -440,7 +638,17 @@ class JobConfig:
         self.sharding.validate(where)
         self.sharding.check_tables(where, self.features)
         self.checkpoint.validate(where)
+        if not self.has_validation():
+            for key, on in (("train.eval_every", self.train.eval_every > 0),
+                            ("train.lr_schedule.kind", self.train.lr_schedule.kind == "plateau")):
+                if on:
+                    _fail(where, (key, "data.valid_fraction", "data.valid_days"),
+                          "needs validation data: set data.valid_days or data.valid_fraction > 0")
         return self
+
+    def has_validation(self) -> bool:
+        """Whether part of the training data is held out for validation."""
+        return self.data.valid_days > 0 or self.data.valid_fraction > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -545,7 +753,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 # Mappings that a YAML file replaces whole rather than merges into the defaults:
 # a config that lists its context columns means exactly those columns.
-_REPLACED_MAPPINGS = ("context_features", "scene_features", "constraints")
+_REPLACED_MAPPINGS = ("context_features", "scene_features", "constraints", "id_mapping")
 
 
 class _StrictLoader(yaml.SafeLoader):

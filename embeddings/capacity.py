@@ -389,12 +389,18 @@ class TableUsage:
     sharding_type: str
     compute_kernel: str
     ranks: list[int]
+    # features.id_mapping: "dense", "hash" or "managed"; the mapping's bytes on *every* rank
+    # (embeddings.id_mapping: persistent state + a managed table's per-step history bound).
+    id_mapping: str = "dense"
+    mapping_bytes: int = 0
+    mapping_state_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class RankUsage:
     """One device. ``planner_*``: TorchRec's estimate (weights, UVM cache, input/output
-    buffers); ``optimizer_*``: optimizer state it does not count. Bytes."""
+    buffers); ``optimizer_*``: optimizer state it does not count; ``mapping_*``: the raw-id
+    mapping state of hash / managed tables, replicated on every rank. Bytes."""
 
     rank: int
     planner_hbm: int
@@ -402,14 +408,16 @@ class RankUsage:
     optimizer_hbm: int
     optimizer_ddr: int
     tables: list[str]
+    mapping_hbm: int = 0
+    mapping_ddr: int = 0
 
     @property
     def hbm(self) -> int:
-        return self.planner_hbm + self.optimizer_hbm
+        return self.planner_hbm + self.optimizer_hbm + self.mapping_hbm
 
     @property
     def ddr(self) -> int:
-        return self.planner_ddr + self.optimizer_ddr
+        return self.planner_ddr + self.optimizer_ddr + self.mapping_ddr
 
 
 @dataclass(frozen=True)
@@ -443,6 +451,7 @@ class CapacityReport:
             "rows": sum(t.rows for t in self.tables),
             "param_bytes": sum(t.param_bytes for t in self.tables),
             "optimizer_bytes": sum(t.optimizer_bytes for t in self.tables),
+            "mapping_bytes_per_rank": sum(t.mapping_bytes for t in self.tables),
             "hbm_bytes": sum(r.hbm for r in self.ranks),
             "ddr_bytes": sum(r.ddr for r in self.ranks),
             "max_rank_hbm_bytes": max((r.hbm for r in self.ranks), default=0),
@@ -493,7 +502,8 @@ def build_report(
     configs = {c.name: c for c in ebc.embedding_bag_configs()}
     tables: list[TableUsage] = []
     ranks: dict[int, dict[str, Any]] = {
-        r: {"planner_hbm": 0, "planner_ddr": 0, "optimizer_hbm": 0, "optimizer_ddr": 0, "tables": []}
+        r: {"planner_hbm": 0, "planner_ddr": 0, "optimizer_hbm": 0, "optimizer_ddr": 0, "tables": [],
+            "mapping_hbm": 0, "mapping_ddr": 0}
         for r in range(world_size)
     }
     for row in describe_plan(result.plan):
@@ -507,6 +517,13 @@ def build_report(
                 sharding_type=row["sharding_type"], compute_kernel=kernel, ranks=sorted(row["ranks"]),
             )
         )
+        mapping = _mapping_usage(cfg, model, c, world_size)
+        if mapping is not None:
+            kind, total, persistent = mapping
+            tables[-1] = dataclasses.replace(tables[-1], id_mapping=kind, mapping_bytes=total,
+                                             mapping_state_bytes=persistent)
+            for r in ranks.values():  # a full replica of the mapping on every rank, beside the dense layers
+                r["mapping_hbm" if device_type == "cuda" else "mapping_ddr"] += total
         in_hbm = optimizer_in_hbm(kernel, optimizer, device_type)
         for rank, (rows, cols), storage in _shards(row, c, result):
             r = ranks[rank]
@@ -522,6 +539,29 @@ def build_report(
         sparse_optimizer=optimizer, what_if=what_if, tables=tables,
         ranks=[RankUsage(rank=k, **v) for k, v in sorted(ranks.items())], seconds=seconds,
     )
+
+
+def _mapping_usage(
+    cfg: JobConfig, model: nn.Module, c: EmbeddingBagConfig, world_size: int
+) -> tuple[str, int, int] | None:
+    """(mapping, bytes per rank, of which persistent) of a hash / managed table; None if dense.
+
+    The history bound assumes every sequence feature of the table full (``max_seq_len``)
+    for the global batch, as :func:`cdp_rec.training.optim.use_sparse_gradients` does.
+    """
+    from cdp_rec.data.schema import is_sequence_feature
+    from embeddings.id_mapping import history_bytes, state_bytes
+
+    kind = cfg.features.id_mapping.get(c.name, "dense")
+    mapper = getattr(model, "id_mapper", None)
+    if kind == "dense" or mapper is None or c.name not in mapper.specs:
+        return None
+    t = cfg.train
+    global_batch = t.batch_size * (world_size if t.batch_size_scope == "per_rank" else 1)
+    ids = global_batch * sum(cfg.features.max_seq_len if is_sequence_feature(f) else 1
+                             for f in mapper.specs[c.name].features)
+    persistent = state_bytes(kind, c.num_embeddings, cfg.features.zch, cfg.features.hash_collision_stats)
+    return kind, persistent + history_bytes(kind, ids, cfg.features.zch), persistent
 
 
 def _shards(
@@ -757,10 +797,16 @@ def _diagnose_over_capacity(report: CapacityReport) -> str:
     mine = sorted(worst.tables, key=lambda t: -sizes[t])
     # Name the tables that matter: a 24-row context table is not why a rank overflows.
     names = ", ".join(f"{t} ({_gib(sizes[t])} with state)" for t in mine if sizes[t] >= 0.01 * sizes[mine[0]])
+    ids = worst.mapping_hbm if tier == "HBM" else worst.mapping_ddr
+    mapped = ""
+    if ids:
+        per = ", ".join(f"{t.name} {t.id_mapping} {_gib(t.mapping_bytes)}" for t in report.tables if t.mapping_bytes)
+        mapped = (f" + raw-id mapping {_gib(ids)} on every rank ({per}; lower features.zch.eviction_interval or the "
+                  f"table rows, or make tables hash)")
     return (
         f"does not fit on {report.world_size} x {report.compute_device}: {len(over)} of {report.world_size} ranks "
-        f"over capacity; rank {worst.rank} needs {_gib(planner + state)} {tier} (planner {_gib(planner)} + "
-        f"{report.sparse_optimizer} state {_gib(state)}, which TorchRec's planner does not count), "
+        f"over capacity; rank {worst.rank} needs {_gib(planner + state + ids)} {tier} (planner {_gib(planner)} + "
+        f"{report.sparse_optimizer} state {_gib(state)}, which TorchRec's planner does not count{mapped}), "
         f"has {_gib(have)} available; its tables: {names}"
     )
 
@@ -836,8 +882,25 @@ def format_report(report: CapacityReport, steps: list[SearchStep] | None = None)
             + ", ".join(f"{s.world_size} {'fits' if s.fits else 'no'}" for s in sorted(steps, key=lambda s: s.world_size))
             + f" -> smallest world size {r.world_size}"
         )
-    out += ["", _table_lines(r, u), "", _rank_lines(r, u, hbm), "", _summary(r, u, hbm)]
+    out += ["", _table_lines(r, u), *_mapping_lines(r, u), "", _rank_lines(r, u, hbm), "", _summary(r, u, hbm)]
     return "\n".join(out)
+
+
+def _mapping_lines(r: CapacityReport, u: Unit) -> list[str]:
+    """The raw-id mapping of hash / managed tables (features.id_mapping), if any."""
+    mapped = [t for t in r.tables if t.id_mapping != "dense"]
+    if not mapped:
+        return []
+    where = "HBM" if r.compute_device == "cuda" else "DDR"
+    lines = ["", f"raw-id mapping (features.id_mapping), a full replica on every rank, in {where}; "
+             f"the rank table's 'ids' column:"]
+    for t in mapped:
+        what = (f"{t.rows - 1:,} ids max, state {u(t.mapping_state_bytes)} + history buffer <= "
+                f"{u(t.mapping_bytes - t.mapping_state_bytes)} {u.name}" if t.id_mapping == "managed"
+                else f"collision statistics {u(t.mapping_state_bytes)} {u.name}" if t.mapping_state_bytes
+                else "stateless")
+        lines.append(f"ids {t.name:<16} {t.id_mapping:<8} {what}")
+    return lines
 
 
 def _summary(r: CapacityReport, u: Unit, hbm: bool) -> str:
@@ -879,14 +942,20 @@ def _rank_lines(r: CapacityReport, u: Unit, hbm: bool) -> str:
     width = 40
     head = "".join(f"{f'   {name} {u.name} (of {_gib(left)} left)':<{width}}" for name, left in tiers)
     cell = "{:>9} + {:>8} = {:>8} {:>5}"
-    sub = "".join(f"{cell.format('planner', 'optim', 'used', 'use'):<{width}}" for _ in tiers)
+    ids = any(t.id_mapping != "dense" for t in r.tables)
+    if ids:  # hash / managed tables: their mapping is a third term
+        cell, width = "{:>9} + {:>8} + {:>8} = {:>8} {:>5}", 51
+        head = "".join(f"{f'   {name} {u.name} (of {_gib(left)} left)':<{width}}" for name, left in tiers)
+    sub = "".join(f"{cell.format('planner', 'optim', *(['ids'] if ids else []), 'used', 'use'):<{width}}"
+                  for _ in tiers)
     lines = [f"{'':<12}{head}", f"{'ranks':<12}{sub}tables"]
     groups: list[tuple[list[int], str]] = []
     for x in r.ranks:
-        cells = [(x.planner_ddr, x.optimizer_ddr, x.ddr, r.ddr_available)]
+        cells = [(x.planner_ddr, x.optimizer_ddr, x.mapping_ddr, x.ddr, r.ddr_available)]
         if hbm:
-            cells.insert(0, (x.planner_hbm, x.optimizer_hbm, x.hbm, r.hbm_available))
-        text = "".join(f"{cell.format(u(p), u(o), u(n), _pct(n, a)):<{width}}" for p, o, n, a in cells)
+            cells.insert(0, (x.planner_hbm, x.optimizer_hbm, x.mapping_hbm, x.hbm, r.hbm_available))
+        text = "".join(f"{cell.format(u(p), u(o), *([u(m)] if ids else []), u(n), _pct(n, a)):<{width}}"
+                       for p, o, m, n, a in cells)
         text += ",".join(x.tables) or "-"
         if groups and groups[-1][1] == text:
             groups[-1][0].append(x.rank)

@@ -76,7 +76,7 @@ def test_edge_values_that_mean_something_still_load():
     assert load_config(None, ["data.allow_empty_days=true"]).data.allow_empty_days
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "industrial"])
+@pytest.mark.parametrize("name", ["tiny", "small", "industrial", "public-small"])
 def test_shipped_configs_pass_the_tightened_checks(name):
     load_config(CONFIGS / f"{name}.yaml")
 

@@ -108,3 +108,18 @@ def test_import_quick(tmp_path):
     for key in ("wall_s", "events_per_s", "rows_per_s", "peak_rss_mib", "rss_before_mib", "in_bytes", "out_bytes"):
         assert _positive(r[key]), (key, r)
     assert r["peak_rss_mib"] >= r["rss_before_mib"]
+
+
+def test_id_mapping_quick(tmp_path):
+    data = _run("bench/id_mapping.py", tmp_path)
+    assert data["bench"] == "id_mapping"
+    (r,) = data["results"]
+    assert (r["batch"], r["seq_len"]) == (512, 200) and r["ids_per_batch"] == 512 * 201
+    t = r["timing"]
+    for name in ("lookup_fwd", "lookup_fwd_bwd", "dense", "hash", "hash+stats", "managed/1", "managed/10"):
+        assert _positive(t[name]["median_ms"]), name
+    for name in ("dense", "hash", "hash+stats", "managed/1", "managed/10"):
+        assert _positive(t[name]["vs_lookup_fwd"]) and _positive(t[name]["vs_lookup_fwd_bwd"]), name
+    for name in ("managed/1", "managed/10"):  # steady state: the table is full and evicting
+        assert t[name]["occupied"] == r["rows"] - 1 and t[name]["evicted"] > 0
+    assert _positive(t["managed/10"]["round_ms"]) and _positive(t["managed/10"]["amortised_ms"])

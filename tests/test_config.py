@@ -12,7 +12,7 @@ def test_tiny_yaml_is_the_embedded_default():
     assert load_config(None) == JobConfig()
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "industrial"])
+@pytest.mark.parametrize("name", ["tiny", "small", "industrial", "public-small"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.model.diffusion.num_steps == 100

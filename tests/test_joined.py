@@ -362,7 +362,8 @@ def test_training_on_the_joined_layout(tmp_path):
                              "train.progress=false", "checkpoint.at_day_end=false"])
     result = train(cfg, tmp_path / "data")  # generated (joined) because the root is missing
     assert (tmp_path / "data" / J.LAYOUT_FILE).is_file()
-    assert result.metrics["num_train_samples"] == 4_000 and result.metrics["num_eval_samples"] == 2_000
+    held_out = result.metrics["validation"][-1]["num_samples"]  # data.valid_fraction of day 1
+    assert result.metrics["num_train_samples"] + held_out == 4_000 and result.metrics["num_eval_samples"] == 2_000
 
 
 # --------------------------------------------------------------------------- storage plan

@@ -58,7 +58,8 @@ def test_local_cwd_two_processes_train_and_write_metrics(tmp_path):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     metrics = json.loads((tmp_path / "runs" / "tx" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["model"] == "base"
-    assert metrics["num_eval_samples"] == 20000 and metrics["num_train_samples"] == 40000
+    held_out = metrics["validation"][-1]["num_samples"]  # data.valid_fraction of day 1, each rank its own
+    assert metrics["num_eval_samples"] == 20000 and metrics["num_train_samples"] + held_out == 40000
     assert 0.5 < metrics["auc"] < 1.0
     plan = json.loads((tmp_path / "runs" / "tx" / "plan.json").read_text())
     assert {row["table"] for row in plan} >= {"query", "user", "item", "category"}
@@ -101,5 +102,6 @@ def test_local_cwd_killed_rank_restarts_and_resumes(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert int((run / "pids" / "rank1.pid").read_text()) != killed, "rank 1 was not restarted"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["num_train_samples"] == 2 * 40000
+    held_out = metrics["validation"][-1]["num_samples"]  # validated after each of the 2 epochs
+    assert metrics["world_size"] == 2 and metrics["num_train_samples"] + 2 * held_out == 2 * 40000
     assert metrics["resumed_from_step"] > 0, "the restarted job must resume from a checkpoint"

@@ -103,3 +103,45 @@ def test_purified_interest_depends_on_the_condition():
         _, out2 = model(model.prepare_batch(other))
     assert not torch.allclose(out["purified"], out2["purified"])
     assert out["gate"].shape == (16, 3) and torch.allclose(out["gate"].sum(-1), torch.ones(16))
+
+
+@pytest.mark.parametrize("wiring", ["both", "purified"])
+def test_cdp_ranker_input_purified_excludes_x0(wiring):
+    """``purified`` (paper eq. 1): x0 reaches the ranker only through the purifier."""
+    cfg = JobConfig()
+    cfg.model.cdp_ranker_input = wiring
+    torch.manual_seed(0)
+    model = CDPModel(cfg)
+    dim, n_single = cfg.model.embedding_dim, len(model.single_features)
+    interests = 2 if wiring == "both" else 1
+    assert model.ranker.mlp[0].in_features == dim * (n_single + interests) + 1
+    batch = model.prepare_batch(random_batch(cfg, batch=16))
+
+    def run(purifier):
+        """Backward through the model with ``denoise_pass`` replaced; returns x0's gradient."""
+        seen = {}
+        original = model.diffusion.denoise_pass
+
+        def spy(x0, fn, mask, training):
+            x0.retain_grad()
+            seen["x0"] = x0
+            return purifier(original, x0, fn, mask, training)
+
+        model.diffusion.denoise_pass = spy
+        try:
+            model.zero_grad()
+            loss, _ = model(batch)
+            loss.backward()
+        finally:
+            del model.diffusion.denoise_pass
+        return seen["x0"].grad
+
+    # A purifier that ignores x0: under "purified" no gradient can reach x0 at all.
+    cut = run(lambda orig, x0, fn, mask, training: (torch.zeros_like(x0), torch.zeros(())))
+    if wiring == "purified":
+        assert cut is None or torch.all(cut == 0)
+    else:
+        assert cut is not None and cut.abs().sum() > 0
+    # The real purifier: x0 does reach the ranker (through the purified interest).
+    real = run(lambda orig, *args: orig(*args))
+    assert real is not None and real.abs().sum() > 0

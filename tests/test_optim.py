@@ -59,10 +59,12 @@ def test_every_model_steps_with_sparse_table_gradients(name: str) -> None:
     assert any(p.grad is not None and p.grad.is_sparse for p in sparse.values())
     optimizer.step()
     after = model.state_dict()
-    user = next(k for k in after if k.endswith("user.weight"))
-    touched = set(batch.sparse["user_id"].values().tolist())
-    moved = (after[user] != before[user]).any(1).nonzero().squeeze(1).tolist()
-    assert set(moved) <= touched and moved, "only the batch's user rows may move"
+    # One lookup per sample: the user table, or (lr_counts has no id tables) a context table.
+    table, feature = ("user", "user_id") if any(k.endswith(".user.weight") for k in after) else ("ctx_page", "page")
+    key = next(k for k in after if k.endswith(f".{table}.weight"))
+    touched = set(batch.sparse[feature].values().tolist())
+    moved = (after[key] != before[key]).any(1).nonzero().squeeze(1).tolist()
+    assert set(moved) <= touched and moved, f"only the batch's {table} rows may move"
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
 
 

@@ -226,3 +226,67 @@ def test_default_config_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 3 * cfg.data.samples_per_day
     assert elapsed < 20, f"default config took {elapsed:.1f}s"
+
+
+# --------------------------------------------------------------------------- context signal
+
+
+def _digest(table: pa.Table) -> str:
+    """sha256 prefix of every column's values (list columns: offsets and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        if pa.types.is_list(col.type):
+            h.update(col.offsets.to_numpy().astype(np.int64).tobytes())
+            h.update(col.values.to_numpy().astype(np.int64).tobytes())
+        else:
+            h.update(col.to_numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_context_signal_default_is_the_old_data_bit_for_bit():
+    # Pinned from the generator before data.context_signal existed: the default (0) must
+    # not change a single value (data sets written before stay valid).
+    cfg = small_config()
+    assert cfg.data.context_signal == 0.0
+    ((day, table),) = list(S.generate_days(cfg, [1]))
+    assert _digest(table) == "50b46c7ba2059230"
+    assert "context_signal" not in S.dataset_spec(cfg)["data"]
+    cfg.data.context_signal = 1.0
+    assert S.dataset_spec(cfg)["data"]["context_signal"] == 1.0  # another data set: another spec
+
+
+def test_context_signal_plants_a_context_dependent_behaviour_term():
+    def day2(signal: float) -> pa.Table:
+        cfg = small_config()
+        cfg.data.samples_per_day = 20_000
+        cfg.data.context_signal = signal
+        return next(iter(S.generate_days(cfg, [2])))[1]
+
+    base, strong = day2(0.0), day2(1.0)
+    # No random draw is added: every column but the label is identical, and labels move.
+    for name in base.column_names:
+        if name != "label":
+            assert base[name].equals(strong[name]), name
+    assert not base["label"].equals(strong["label"])
+
+    cfg = small_config()
+    world = S.build_world(cfg)
+    t = strong
+    item, cat = t["item_id"].to_numpy(), t["category_id"].to_numpy()
+    hist = t[HIST_ITEMS].combine_chunks()
+    offsets, hist_items = hist.offsets.to_numpy().astype(np.int64), hist.values.to_numpy()
+    slot = S.impression_context_slot(t["ts"].to_numpy(), t["client"].to_numpy())
+    matched = S.context_term(world, item, cat, slot, offsets, hist_items)
+    blind = S.context_term(world, item, cat, slot, offsets, hist_items, match_slot=False)
+    # Slots: 4 values, behaviours' from the item id alone (deterministic), impressions' from context + scene.
+    assert set(np.unique(S.behaviour_context_slot(np.arange(5000)))) == {0, 1, 2, 3}
+    assert set(np.unique(slot)) == {0, 1, 2, 3}
+    assert np.array_equal(S.behaviour_context_slot(hist_items), S.behaviour_context_slot(hist_items.copy()))
+    # The slot-matched term predicts the strong data's clicks, and better than on the default data...
+    y_base, y_strong = base["label"].to_numpy(), strong["label"].to_numpy()
+    assert auc(y_strong, matched) > auc(y_base, matched) + 0.05
+    # ... and better than the context-blind mean over every in-category behaviour.
+    assert auc(y_strong, matched) > auc(y_strong, blind) + 0.01

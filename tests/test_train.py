@@ -29,7 +29,11 @@ def test_tiny_training_learns(model, tiny_root, tmp_path):
     result = train(cfg, tiny_root)
     m = json.loads((result.run_dir / "metrics.json").read_text())
     assert m["model"] == model and m["config_hash"] == cfg.hash()
-    assert m["num_train_samples"] == 2 * cfg.data.samples_per_day
+    # The default holds the last 5% of day 1 out for validation (scored once, after the one epoch).
+    (valid,) = m["validation"]
+    assert m["num_train_samples"] + valid["num_samples"] == 2 * cfg.data.samples_per_day
+    assert 0.05 * cfg.data.samples_per_day <= valid["num_samples"] < 0.06 * cfg.data.samples_per_day
+    assert m["restored"]["step"] == m["train_steps"] and not m["restored"]["from_checkpoint"]
     assert m["num_eval_samples"] == cfg.data.samples_per_day
     assert m["auc"] >= 0.6, m
     assert m["uauc"] > 0.55 and m["gauc"] > 0.55, m

@@ -315,7 +315,9 @@ def test_short_run_learns(name, small_root, tmp_path):
     cfg = load_config(None, [*SMALL, f"model.name={name}", f"train.run_dir={tmp_path}"])
     result = train(cfg, small_root)
     m = json.loads((result.run_dir / "metrics.json").read_text())
-    assert m["model"] == name and m["num_train_samples"] == 2 * cfg.data.samples_per_day
+    # Every training row is trained on once or held out for validation (data.valid_fraction).
+    assert m["model"] == name
+    assert m["num_train_samples"] + m["validation"][-1]["num_samples"] == 2 * cfg.data.samples_per_day
     assert m["final_train_loss"] is not None and math.isfinite(m["final_train_loss"])
     assert m["auc"] > 0.55, m
 
@@ -365,7 +367,7 @@ def test_compare_jobs_trains_in_workers_and_tabulates_once(small_root, tmp_path,
 def test_compare_rejects_unknown_models():
     from cdp_rec.compare import resolve_models
 
-    assert resolve_models("all")[0] == "base" and "cdp_no_moe" in resolve_models("all")
+    assert resolve_models("all")[:2] == ["lr_counts", "base"] and "cdp_no_moe" in resolve_models("all")
     assert resolve_models("cdp,sim") == ["sim", "cdp"]
     with pytest.raises(ConfigError, match="sasrec"):
         resolve_models("sim,sasrec")
@@ -384,3 +386,20 @@ def test_compare_tables_report_mean_and_std_over_seeds():
     md = markdown(summaries, {"seeds": "0, 1"})
     assert "| CDP | 0.6200 ± 0.0141 | 0.5500 ± 0.0000 | n/a |" in md
     assert "## Table 2: CDP ablations" in md and "| No MoE fusion | 0.6000 ± 0.0000 |" in md
+
+
+def test_compare_marks_the_count_floor():
+    from cdp_rec.compare import markdown, resolve_models, summarize
+
+    def run(model, seed, auc):
+        return {"model": model, "seed": seed, "inference_ms_per_batch": 1.0,
+                "metrics": {"auc": auc, "uauc": 0.55, "gauc": 0.55, "train_samples_per_s": 1000.0}}
+
+    assert resolve_models("cdp,lr_counts,base") == ["lr_counts", "base", "cdp"]
+    runs = [run("lr_counts", 0, 0.60), run("base", 0, 0.59), run("cdp", 0, 0.62)]
+    md = markdown(summarize(runs), {"seeds": "0"})
+    assert "AUC - floor |" in md
+    assert "| LR on click counts (floor) | 0.6000 | 0.5500 | 0.5500 | 1,000 | 1.0 | floor |" in md.splitlines()
+    assert "| 1.0 | -0.0100 |" in md and "| 1.0 | +0.0200 |" in md
+    # Without the floor the tables keep their columns.
+    assert "floor" not in markdown(summarize(runs[1:]), {"seeds": "0"})

@@ -459,7 +459,8 @@ class JoinedBatchReader(ParquetBatchReader):
                     continue  # nothing in it is before the last impression (e.g. later days)
                 still = need.copy()  # users wanting more when this part started
                 part_chunks: list[tuple[np.ndarray, ...]] = []
-                prev_user, prev_ts = -1, np.iinfo(np.int64).min
+                # int64 min, not -1: raw user ids (features.id_mapping) may be negative.
+                prev_user, prev_ts = np.iinfo(np.int64).min, np.iinfo(np.int64).min
                 for where, t in row_groups(pf, path, list(BEHAVIOUR_COLUMNS)):
                     if not t.num_rows:
                         continue

@@ -38,12 +38,13 @@ from cdp_rec.data.schema import (
     HIST_CATEGORIES,
     HIST_ITEMS,
     ID_FEATURES,
+    RAW_ID_RESERVED,
     Batch,
     day_dir_name,
     id_ranges,
     table_schema,
 )
-from cdp_rec.data.spec import DATASET_SPEC_FILE
+from cdp_rec.data.spec import DATASET_SPEC_FILE, MODEL_SIDE_FEATURE_KEYS
 
 
 class DataError(ValueError):
@@ -136,6 +137,9 @@ def read_json_file(path: Path, what: str) -> dict[str, Any] | None:
     return data
 
 
+_TABLE_SIZE_KEYS = {"item": "num_items", "user": "num_users", "query": "num_queries", "category": "num_categories"}
+
+
 def check_dataset_spec(
     root: str | Path, features: FeatureConfig, seed: int | None = None
 ) -> dict[str, Any] | None:
@@ -155,6 +159,22 @@ def check_dataset_spec(
     have = spec.get("features", {})
     if not isinstance(have, dict):
         raise DataError(f"{path}: 'features' must be a JSON object, got {type(have).__name__}")
+    # How ids become rows is the model's business, not the data's (the loader checks the ids).
+    want = {k: v for k, v in want.items() if k not in MODEL_SIDE_FEATURE_KEYS}
+    have = {k: v for k, v in have.items() if k not in MODEL_SIDE_FEATURE_KEYS}
+    # A hash / managed table's size is its row count, free to differ from the data's vocabulary.
+    for table, kind in getattr(features, "id_mapping", {}).items():
+        if kind == "dense":
+            continue
+        key = _TABLE_SIZE_KEYS.get(table)
+        if key is not None:
+            want.pop(key, None)
+            have.pop(key, None)
+        for group, prefix in (("context_features", "ctx_"), ("scene_features", "scene_")):
+            col = table[len(prefix):] if table.startswith(prefix) else None
+            for d in (want, have):
+                if col is not None and isinstance(d.get(group), dict) and col in d[group]:
+                    d[group] = {**d[group], col: "(row count of a raw-id table)"}
     for key in sorted(set(want) | set(have)):
         if have.get(key) != want.get(key):
             raise DataError(
@@ -333,13 +353,13 @@ class ParquetBatchReader:
             values = flat.to_numpy()
             _check_bad(where, name, lengths > max_len, lengths,
                        f"list(s) longer than max_seq_len={max_len}", what="length")
-            bad = (values < 0) | (values >= self._ranges[name])
+            upper = self._ranges[name]
+            bad = (values == RAW_ID_RESERVED) if upper is None else (values < 0) | (values >= upper)
             if bad.any():
                 first = int(np.flatnonzero(bad)[0])
                 raise DataError(
-                    f"{where}: column '{name}': {int(bad.sum())} value(s) out of range "
-                    f"[0, {self._ranges[name]}), first at row {_row_of(lengths, first)} of the "
-                    f"row group: {values[first]}"
+                    f"{where}: column '{name}': {int(bad.sum())} {_range_problem(name, upper)}, first at row "
+                    f"{_row_of(lengths, first)} of the row group: {values[first]}"
                 )
             lists[name] = (lengths, values)
 
@@ -472,5 +492,15 @@ def _check_bad(
         )
 
 
-def _check_range(where: str, name: str, values: np.ndarray, upper: int) -> None:
-    _check_bad(where, name, (values < 0) | (values >= upper), values, f"value(s) out of range [0, {upper})")
+def _range_problem(name: str, upper: int | None) -> str:
+    if upper is None:
+        return (f"value(s) equal to {RAW_ID_RESERVED} (2**63 - 1), the one int64 a raw-id column may not hold "
+                f"(TorchRec's empty-slot marker)")
+    return f"value(s) out of range [0, {upper})"
+
+
+def _check_range(where: str, name: str, values: np.ndarray, upper: int | None) -> None:
+    """Dense column: ids in ``[0, upper)``; raw-id column (``upper`` None): any int64 but
+    :data:`~cdp_rec.data.schema.RAW_ID_RESERVED`."""
+    bad = (values == RAW_ID_RESERVED) if upper is None else (values < 0) | (values >= upper)
+    _check_bad(where, name, bad, values, _range_problem(name, upper))

@@ -46,9 +46,25 @@ def table_schema(features: FeatureConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def id_ranges(features: FeatureConfig) -> dict[str, int]:
-    """Column -> exclusive upper bound of its ids (lower bound is 0)."""
-    ranges = {
+# The one int64 a raw-id column may not hold: TorchRec's managed-collision modules mark an
+# empty slot with it (kept out of hash tables too, so a table can switch mapping freely).
+RAW_ID_RESERVED = 2**63 - 1
+
+
+def column_tables(features: FeatureConfig) -> dict[str, str]:
+    """Id column -> the embedding table its ids look up (names as ``features.id_mapping``)."""
+    tables = {"user_id": "user", "query_id": "query", "item_id": "item", "category_id": "category",
+              HIST_ITEMS: "item", HIST_CATEGORIES: "category"}
+    tables.update({c: f"ctx_{c}" for c in features.context_features})
+    tables.update({c: f"scene_{c}" for c in features.scene_features})
+    return tables
+
+
+def id_ranges(features: FeatureConfig) -> dict[str, int | None]:
+    """Column -> exclusive upper bound of its ids (lower bound is 0), or None for a column of
+    raw ids: its table is ``hash`` / ``managed`` in ``features.id_mapping``, and any int64
+    but :data:`RAW_ID_RESERVED` is accepted (negative ids included)."""
+    ranges: dict[str, int | None] = {
         "user_id": features.num_users,
         "query_id": features.num_queries,
         "item_id": features.num_items,
@@ -58,6 +74,10 @@ def id_ranges(features: FeatureConfig) -> dict[str, int]:
     }
     ranges.update(features.context_features)
     ranges.update(features.scene_features)
+    mapping = getattr(features, "id_mapping", {})
+    for column, table in column_tables(features).items():
+        if mapping.get(table, "dense") != "dense":
+            ranges[column] = None
     return ranges
 
 

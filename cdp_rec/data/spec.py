@@ -14,6 +14,17 @@ from typing import Any
 
 DATASET_SPEC_FILE = "_dataset.json"
 
+# FeatureConfig keys that say how ids become embedding rows (features.id_mapping): a model
+# choice, not a property of the data, so a data set's spec neither records nor compares them.
+MODEL_SIDE_FEATURE_KEYS = ("id_mapping", "zch", "hash_collision_stats")
+
+
+def dataset_features(features: Any) -> dict[str, Any]:
+    """``asdict(features)`` without :data:`MODEL_SIDE_FEATURE_KEYS` (what ``_dataset.json`` records)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(features).items() if k not in MODEL_SIDE_FEATURE_KEYS}
+
 
 def spec_path(root: str | Path) -> Path:
     return Path(root) / DATASET_SPEC_FILE

@@ -88,6 +88,30 @@ Behaviour sequences (contaminated observations)
     memory stays bounded: every behaviour dropped is older than ``max_seq_len`` kept ones
     that precede any later impression, so no history changes (the joined layout stores
     the untruncated log and its reader gives the same histories).
+
+Context signal (``data.context_signal``, default 0: no such term, the data above bit for bit)
+    A click term that makes *which* in-category behaviours matter depend on the
+    impression's context and scene, so that a context-conditioned purifier *could* do
+    better than any context-blind summary of the history. The schema logs no
+    per-behaviour context, so a behaviour's logged context is derived deterministically
+    from its item id: ``slot(i) = fibonacci_hash(i) mod 4`` (:func:`behaviour_context_slot`;
+    read it as "the context an item is typically consumed in"; no random draw, so every
+    other draw is unchanged). An impression's slot is
+    ``2 * is_night(hour of ts) + (first scene value mod 2)`` (:func:`impression_context_slot`,
+    a function of context and scene, as the taste mode). With strength ``s`` the click
+    logit gains ``s * sqrt(d) * <z_i, mean of z_b over the history behaviours b with
+    c(b) = c(i) and slot(b) = slot of the impression>`` (:func:`context_term`; 0 when
+    none match). It takes no random draws, so every draw, and with ``s = 0`` every row,
+    is unchanged. ``sqrt(d) <z, z'>`` is ~N(0, 1) for one behaviour. A model can only
+    use it by learning each item's slot (its embedding) and selecting or weighting the
+    in-category behaviours by the impression's context and scene; the plain
+    category-filtered mean carries a diluted share (about a quarter of the in-category
+    behaviours are in the impression's slot). Measured on the tiny config (day 2, 50k
+    impressions) with ``s = 1``: CTR ~21.6% (19.5% at 0); with the true latents, a
+    logistic regression on the right-mode taste term plus the context-blind
+    ``<z_i, mean of all in-category z_b>`` reaches AUC ~0.776, adding the slot-matched
+    term ~0.801 (+0.025: what context-aware selection of behaviours can add at best);
+    at ``s = 0`` the slot-matched term adds nothing.
 """
 
 from __future__ import annotations
@@ -96,7 +120,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +129,8 @@ import pyarrow as pa
 
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, table_schema
-from cdp_rec.data.spec import DATASET_SPEC_FILE
+from cdp_rec.data import raw_ids
+from cdp_rec.data.spec import DATASET_SPEC_FILE, dataset_features
 from cdp_rec.data.writer import Behaviours, write_parquet, write_rows_day  # noqa: F401 (re-exported)
 
 # Bump when the generative story changes, so stale data sets are detected by _dataset.json.
@@ -141,6 +166,10 @@ CLICK_INTEREST = 0.5
 CLICK_POP = 0.15
 CLICK_DEPTH = 0.2
 CLICK_NOISE = 0.5
+
+# Context signal: number of context slots (see the module docstring).
+NUM_CONTEXT_SLOTS = 4
+_FIB_HASH = np.uint64(0x9E3779B97F4A7C15)
 
 # Relative search/behaviour traffic per hour of day: quiet at night, peak in the evening.
 HOUR_PROFILE = np.array(
@@ -361,6 +390,46 @@ def context_mode(ts: np.ndarray, scene0: np.ndarray) -> np.ndarray:
     return (night ^ (scene0 % 2 == 1)).astype(np.int64)
 
 
+def impression_context_slot(ts: np.ndarray, scene0: np.ndarray) -> np.ndarray:
+    """Context slot ``[n]`` int64 in ``[0, 4)`` of impressions: 2 * night (19:00-06:59) + odd first scene value."""
+    hour = (ts % SECONDS_PER_DAY) // 3600
+    night = (hour >= 19) | (hour < 7)
+    return 2 * night.astype(np.int64) + (scene0 % 2)
+
+
+def behaviour_context_slot(items: np.ndarray) -> np.ndarray:
+    """The logged context slot ``[n]`` int64 in ``[0, 4)`` of behaviours on ``items``: a
+    Fibonacci hash of the item id (top two bits of ``id * 0x9E3779B97F4A7C15 mod 2**64``)."""
+    h = np.asarray(items).astype(np.uint64) * _FIB_HASH  # wraps mod 2**64
+    return (h >> np.uint64(62)).astype(np.int64)
+
+
+def context_term(
+    world: World,
+    item: np.ndarray,
+    cat: np.ndarray,
+    slot: np.ndarray,
+    offsets: np.ndarray,
+    hist_items: np.ndarray,
+    match_slot: bool = True,
+) -> np.ndarray:
+    """``[n]`` ``sqrt(d) <z_item, mean z_b>`` over the history behaviours b of the item's
+    category (and, with ``match_slot``, of the impression's context slot); 0 if none.
+
+    ``match_slot=False`` is the context-blind version (every in-category behaviour),
+    used to measure how much the slot selection is worth."""
+    n = len(item)
+    seg = np.repeat(np.arange(n), np.diff(offsets))
+    keep = world.item_category[hist_items] == cat[seg]
+    if match_slot:
+        keep &= behaviour_context_slot(hist_items) == slot[seg]
+    seg, hist = seg[keep], hist_items[keep]
+    dots = np.einsum("nd,nd->n", world.item_latent[item][seg], world.item_latent[hist]).astype(np.float64)
+    total = np.bincount(seg, weights=dots, minlength=n)
+    count = np.bincount(seg, minlength=n)
+    return math.sqrt(LATENT_DIM) * total / np.maximum(count, 1)
+
+
 def _day_times(day: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """``[n]`` int64 timestamps within ``day`` following the diurnal profile."""
     hour = rng.choice(24, size=n, p=HOUR_PROFILE / HOUR_PROFILE.sum())
@@ -573,9 +642,12 @@ def _day_impressions(cfg: JobConfig, world: World, day: int, log: _Log) -> pa.Ta
         + rep(depth_bias)
         + CLICK_NOISE * rng.standard_normal(n)
     )
+    offsets, hist_items = _histories(log, user, ts, f.max_seq_len)  # no random draws
+    if cfg.data.context_signal:
+        slot = impression_context_slot(ts, rep(r_scene[:, 0]))
+        logit = logit + cfg.data.context_signal * context_term(world, item, cat, slot, offsets, hist_items)
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
 
-    offsets, hist_items = _histories(log, user, ts, f.max_seq_len)
     hist_cats = world.item_category[hist_items]
     request_id = rep(day * n + np.arange(R, dtype=np.int64))
 
@@ -644,7 +716,7 @@ def generate_periods(cfg: JobConfig, days: Iterable[int], with_behaviours: bool 
     keep = cfg.features.max_seq_len
     pre = _period_log(cfg, world, _PRE_PERIOD)
     if with_behaviours:
-        yield Period(_PRE_PERIOD, _behaviours_of(pre, world), None)
+        yield Period(_PRE_PERIOD, raw_ids.apply_to_behaviours(cfg, _behaviours_of(pre, world)), None)
     log = _truncate(pre, cfg.features.num_users, keep)
     for day in range(wanted[-1] + 1):
         # Every day's behaviours enter the log, requested or not, so histories of a
@@ -652,8 +724,11 @@ def generate_periods(cfg: JobConfig, days: Iterable[int], with_behaviours: bool 
         new = _period_log(cfg, world, day + 1)
         log = _merge(log, new)
         table = _day_impressions(cfg, world, day, log) if day in wanted else None
+        if table is not None:
+            table = raw_ids.apply_to_impressions(cfg, day, table, log)  # data.raw_ids / id_churn; else as is
         if with_behaviours or table is not None:
-            yield Period(day + 1, _behaviours_of(new, world) if with_behaviours else None, table)
+            beh = raw_ids.apply_to_behaviours(cfg, _behaviours_of(new, world)) if with_behaviours else None
+            yield Period(day + 1, beh, table)
         log = _truncate(log, cfg.features.num_users, keep)
 
 
@@ -674,7 +749,7 @@ def dataset_spec(cfg: JobConfig) -> dict[str, Any]:
         "generator": "cdp_rec.data.synthetic",
         "generator_version": GENERATOR_VERSION,
         "seed": d.seed,
-        "features": asdict(cfg.features),
+        "features": dataset_features(cfg.features),
         "data": {
             "samples_per_day": d.samples_per_day,
             "rows_per_file": d.rows_per_file,
@@ -682,6 +757,10 @@ def dataset_spec(cfg: JobConfig) -> dict[str, Any]:
             "train_days": d.train_days,
             "test_days": d.test_days,
             "layout": d.layout,
+            # Recorded only when set, so data sets of the default (no term) keep their spec.
+            **({"context_signal": d.context_signal} if d.context_signal else {}),
+            **({"raw_ids": True} if d.raw_ids else {}),
+            **({"id_churn": d.id_churn} if d.id_churn else {}),
             # The bucket count shapes only the joined layout's files.
             **({"num_user_buckets": d.num_user_buckets} if d.layout == "joined" else {}),
         },

@@ -4,6 +4,10 @@ Every model has the same contract: ``__init__(cfg, device)``, ``prepare_batch(ba
 (data-side work before ``forward``) and ``forward(batch) -> (loss, out)`` with
 detached ``out["loss"]``, ``out["logits"]`` ``[B]`` and ``out["bce"]``. The
 ``cdp_no_*`` names are CDP with ``model.ablation`` preset (paper Table 2).
+
+With hash / managed tables (``features.id_mapping``) ``build_model`` adds ``model.id_mapper``
+and makes ``prepare_batch`` end by rewriting raw ids to rows (:mod:`embeddings.id_mapping`);
+the model's own ``prepare_batch`` work sees the raw ids.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from cdp_rec.models.diffrec import DiffRecModel
 from cdp_rec.models.diffumin import DiffuMINModel
 from cdp_rec.models.din import DINModel
 from cdp_rec.models.hstu import HSTUModel
+from cdp_rec.models.lr_counts import LRCountsModel
 from cdp_rec.models.qin import QINModel
 from cdp_rec.models.sim import SIMModel
 from cdp_rec.models.twin import TWINModel
+from embeddings.id_mapping import attach_id_mapping
 
 ModelFactory = Callable[[JobConfig, "torch.device | str"], nn.Module]
 
@@ -64,6 +70,7 @@ MODELS: dict[str, ModelFactory] = {
     "diffrec": DiffRecModel,
     "hstu": HSTUModel,
     "diffumin": DiffuMINModel,
+    "lr_counts": LRCountsModel,
     **{name: _cdp_ablation(ablation) for name, ablation in ABLATION_PRESETS.items()},
 }
 
@@ -73,4 +80,5 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> nn.Module
         cls = MODELS[cfg.model.name]
     except KeyError:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}") from None
-    return cls(cfg, device)
+    # Hash / managed tables (features.id_mapping): raw ids -> rows at the end of prepare_batch.
+    return attach_id_mapping(cls(cfg, device), cfg, device)

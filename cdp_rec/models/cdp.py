@@ -12,8 +12,13 @@ Pipeline for a batch of B impressions, embedding dim D, condition dim C:
    trains ε_θ(x_t, t, c) with MSE (eq. 11). Inference starts from the noised
    observation at step K = ``inference_steps`` (20) and runs K deterministic reverse
    steps (eq. 9) -> purified interest ``[B, D]``.
-4. Ranking (eq. 10): σ(MLP(single-valued embeddings ⊕ x0 ⊕ purified ⊕ log1p(count))).
-   Loss = BCE + λ·MSE (eq. 13).
+4. Ranking (eq. 1, 10): σ(MLP(single-valued embeddings ⊕ interests ⊕ log1p(count))).
+   Loss = BCE + λ·MSE (eq. 13). ``model.cdp_ranker_input`` picks the interests:
+   ``purified`` is the paper's wiring (eq. 1 feeds the ranker the purified interest
+   alone); ``both`` (the default, kept so earlier results and checkpoints stay valid)
+   feeds x0 *and* the purified interest, which lets the ranker fall back on the
+   unpurified mean - a ranker that ignores the purified half is then the filtered-mean
+   model. With ``no_diffusion`` there is no purified interest and the ranker gets x0.
 
 Choices where the paper is silent (each a config field, see ``DiffusionConfig``):
 
@@ -87,7 +92,9 @@ class CDPModel(nn.Module):
             m.diffusion.time_embedding,
         ) if self.use_diffusion else None
         self.loss_weight = m.diffusion.loss_weight
-        interests = 2 if self.use_diffusion else 1  # x0 and the purified interest, or x0 alone
+        self.ranker_sees_x0 = not self.use_diffusion or m.cdp_ranker_input == "both"
+        # x0 and/or the purified interest (x0 alone without diffusion)
+        interests = 1 + int(self.use_diffusion and self.ranker_sees_x0)
         self.ranker = RankingHead(dim * (len(self.single_features) + interests) + 1, m.ranker_hidden)
 
     def condition(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -132,7 +139,7 @@ class CDPModel(nn.Module):
 
         if self.denoiser is not None:
             purified, mse = self.diffusion.denoise_pass(x0, self.denoiser.bind(c), counts > 0, self.training)
-            interests = [x0, purified]
+            interests = [x0, purified] if self.ranker_sees_x0 else [purified]
         else:
             purified, mse, interests = x0, torch.zeros((), device=x0.device), [x0]
 

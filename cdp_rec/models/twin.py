@@ -55,6 +55,9 @@ class TWINModel(SequenceCTRModel):
     """
 
     query_features: int = 1  # embeddings concatenated into the attention query
+    # The GSU looks the whole history up itself: with hash / managed tables these keys are
+    # mapped to rows too (embeddings.id_mapping.attach_id_mapping).
+    raw_id_features = {HIST_ITEMS: "item", HIST_CATEGORIES: "category"}
 
     def __init__(self, cfg: JobConfig, device: torch.device | str = "cpu") -> None:
         dim = cfg.model.embedding_dim

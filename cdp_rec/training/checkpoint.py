@@ -223,9 +223,17 @@ def _agreed(check: Callable[[], T]) -> T:
 
 
 def check_compatible(path: Path, meta: dict[str, Any], cfg: JobConfig, tables: dict[str, list[int]]) -> None:
-    """Refuse a checkpoint of another model or other table sizes, naming the difference."""
+    """Refuse a checkpoint of another model, other table sizes or another id mapping, naming the difference."""
     if meta.get("model") != cfg.model.name:
         raise CheckpointError(f"{path}: checkpoint is of model {meta.get('model')!r}, the config asks for {cfg.model.name!r}")
+    saved_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    saved_map = (saved_cfg.get("features") or {}).get("id_mapping") or {}
+    if isinstance(saved_map, dict):
+        for table in sorted(set(saved_map) | set(cfg.features.id_mapping)):
+            a, b = saved_map.get(table, "dense"), cfg.features.id_mapping.get(table, "dense")
+            if a != b:
+                raise CheckpointError(f"{path}: table {table!r} has id mapping {a!r} in the checkpoint but {b!r} "
+                                      f"in the config (features.id_mapping.{table})")
     saved, want = meta.get("tables", {}), tables
     for name in sorted(set(saved) | set(want)):
         if saved.get(name) != want.get(name):
@@ -527,8 +535,40 @@ def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: P
         buf = {"model": dense}
         _dcp_load(buf, path)
         torch.save(buf["model"], staging / "dense.pt")
+        mapping = _export_id_mapping(model, buf["model"], staging)
+        if mapping:
+            manifest["id_mapping"] = mapping
     (staging / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
     names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     manifest["files"] = checksums.digest_files(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks a complete export
     return manifest
+
+
+def _export_id_mapping(model: nn.Module, state: dict[str, torch.Tensor], staging: Path) -> dict[str, Any]:
+    """Raw id -> row of every hash / managed table (features.id_mapping), for serving.
+
+    A managed table's held ids go to ``tables/<table>.ids.npy``: int64 ``[n, 2]`` rows of
+    (raw id, row), ascending by raw id; an id not in it uses the table's shared last row.
+    A hash table needs no file: its row is ``(splitmix64(id) >> 1) mod rows``
+    (:func:`embeddings.id_mapping.hash_rows`). The mapping's raw buffers are in
+    ``dense.pt`` too (keys ``...id_mapper...``), for reloading the model exactly.
+    """
+    mapper = getattr(model, "id_mapper", None)
+    if mapper is None:
+        return {}
+    prefix = next(n for n, m in model.named_modules() if m is mapper)
+    out: dict[str, Any] = {}
+    for name, spec in mapper.specs.items():
+        entry: dict[str, Any] = {"mapping": spec.kind, "rows": spec.num_rows, "features": list(spec.features)}
+        if spec.kind == "managed":
+            key = f"{prefix}.managed.{name}."
+            raw, rows = state[key + "_mch_sorted_raw_ids"], state[key + "_mch_remapped_ids_mapping"]
+            n = int(torch.searchsorted(raw, torch.tensor([2**63 - 1])))
+            pairs = torch.stack([raw[:n], rows[:n]], dim=1).numpy()
+            np.save(staging / "tables" / f"{name}.ids.npy", pairs)
+            entry.update(ids_file=f"tables/{name}.ids.npy", held_ids=n, shared_row=spec.num_rows - 1)
+        else:
+            entry["function"] = "(splitmix64(id) >> 1) mod rows, int64 arithmetic modulo 2**64"
+        out[name] = entry
+    return out

@@ -122,8 +122,25 @@ def use_sparse_gradients(model: nn.Module, lookups_per_batch: Callable[[str], in
     return chosen
 
 
+def dense_optimizer(cfg: TrainConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """Factory of the dense layers' optimizer: torch Adam at ``dense_lr``; with
+    ``weight_decay`` > 0, AdamW-style decoupled decay of the weight matrices (parameters
+    of 2 or more dimensions; biases and norm scales are not decayed)."""
+    if not cfg.weight_decay:
+        return lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)
+
+    def make(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+        decay = [p for p in ps if p.dim() >= 2]
+        rest = [p for p in ps if p.dim() < 2]
+        groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, cfg.weight_decay), (rest, 0.0)) if g]
+        return torch.optim.Adam(groups, lr=cfg.dense_lr, decoupled_weight_decay=True)
+
+    return make
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
-    """Unsharded: row-lazy Adam for the tables (sparse lr), torch Adam for the dense layers (dense lr).
+    """Unsharded: row-lazy Adam for the tables (sparse lr), torch Adam for the dense layers
+    (dense lr; decoupled weight decay with ``train.weight_decay``, :func:`dense_optimizer`).
 
     Keyed by parameter name (TorchRec's KeyedOptimizer), so the optimizer state has the
     same layout as the sharded path's and checkpoints address it by name.
@@ -134,7 +151,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
     return CombinedOptimizer(
         [
             KeyedOptimizerWrapper(sparse, lambda ps: RowLazyAdam(ps, lr=cfg.sparse_lr)),
-            KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)),
+            KeyedOptimizerWrapper(dense, dense_optimizer(cfg)),
         ]
     )
 
@@ -149,7 +166,7 @@ def build_sharded_optimizer(dmp: nn.Module, cfg: TrainConfig) -> KeyedOptimizer:
     tables = {n: p for n, p in params.items() if ".embedding_bags." in n}
     dense = {n: p for n, p in params.items() if n not in tables}
     optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]  # type: ignore[list-item]
-    optimizers.append(KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr)))
+    optimizers.append(KeyedOptimizerWrapper(dense, dense_optimizer(cfg)))
     if tables:
         optimizers.append(KeyedOptimizerWrapper(tables, lambda ps: torch.optim.Adam(ps, lr=cfg.sparse_lr)))
     return CombinedOptimizer(optimizers)

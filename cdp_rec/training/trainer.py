@@ -10,6 +10,15 @@ One loop for both modes:
   TrainPipelineSparseDist overlapping the input all-to-all with compute, and the
   evaluation gathered from every rank before AUC / UAUC / GAUC are computed.
 
+Flow (README "How training picks its stopping point"): the fixed step schedule
+(:mod:`~cdp_rec.training.schedule`) runs in segments; after a segment the held-out
+validation rows may be scored (every epoch, every ``train.eval_every`` steps), which
+feeds early stopping and the best checkpoint (:mod:`~cdp_rec.training.early_stop`) and
+the plateau learning-rate schedule (:mod:`~cdp_rec.training.lr_schedule`), and a
+checkpoint may be written (:class:`~cdp_rec.training.schedule.CheckpointPolicy`). At the
+end the best validated weights are restored and the test days scored.
+``train.embedding_l2`` adds :mod:`~cdp_rec.training.regularize`'s term to the loss.
+
 Writes ``<run_dir>/<run_name>/config.yaml``, ``metrics.json`` and, when sharded,
 ``plan.json`` (rank 0 only).
 
@@ -21,7 +30,6 @@ the run (see :class:`LossGuard`).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -45,10 +53,27 @@ from cdp_rec.data.schema import Batch, is_sequence_feature
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
 from cdp_rec.training.checkpoint import Checkpointer, Position, list_checkpoints, table_shapes
+from cdp_rec.training.early_stop import BestCheckpoint, EarlyStopping, Validation
 from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
+from cdp_rec.training.lr_schedule import LRSchedule, base_learning_rates, set_learning_rates
 from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer, use_sparse_gradients
+from cdp_rec.training.regularize import EmbeddingL2
 from cdp_rec.training.run_lock import RunLock, acquire_run_lock
+from cdp_rec.training.schedule import (
+    BatchSource,
+    CheckpointPolicy,
+    DaySplit,
+    HeldOutTail,
+    MaskedRows,
+    TrainSchedule,
+    held_out_batches,
+    resume,
+    split_days,
+    user_tail_mask,
+)
 from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
+from cdp_rec.training.id_report import IdMappingReport
+from embeddings.id_mapping import attach_optimizer
 from embeddings.state import load_full_state
 
 log = logging.getLogger(__name__)
@@ -181,6 +206,8 @@ class Trainer:
             self.optimizer: Any = build_optimizers(self.model, cfg.train)
             self.device = torch.device("cpu")
             self.optimizer_note = "sparse optimizer: row-lazy Adam over the unsharded tables (touched rows only)"
+            attach_optimizer(self.model, self.optimizer)  # managed tables: admitted rows start from zero state
+            self._finish_init()
             return
         full = None if sharded_init else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         dmp, plan = shard_model(cfg, self.model, ctx.device, ctx.world_size, ctx.local_world_size, dist.group.WORLD)
@@ -189,20 +216,35 @@ class Trainer:
         self.module, self.device = dmp, ctx.device
         self.plan_rows = describe_plan(plan)
         self.optimizer = build_sharded_optimizer(dmp, cfg.train)
+        attach_optimizer(self.model, self.optimizer, dmp)  # managed tables reset admitted rows in the shards
         self.optimizer_note = sparse_optimizer_choice(cfg.sharding, ctx.device.type).note.format(lr=cfg.train.sparse_lr)
         if cfg.sharding.pipeline:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(self.module, self.optimizer, ctx.device, execute_all_batches=True)
+        self._finish_init()
+
+    def _finish_init(self) -> None:
+        # The configured rate of every parameter group, before a checkpoint load restores a scaled one.
+        self.lr_bases = base_learning_rates(self.optimizer)
+        self.regularizer = EmbeddingL2(self.model, self.cfg.train.embedding_l2) if self.cfg.train.embedding_l2 else None
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every group's rate = its configured rate x ``factor`` (dense and sparse, fused or not)."""
+        set_learning_rates(self.optimizer, self.lr_bases, factor)
 
     # ------------------------------------------------------------------ training
 
     def train_steps(
-        self, batches: Iterable[Batch], on_step: Callable[[dict[str, torch.Tensor]], None], first_step: int = 0
+        self, batches: Iterable[Batch], on_step: Callable[[dict[str, torch.Tensor]], None], first_step: int = 0,
+        before_step: Callable[[int], None] | None = None,
     ) -> int:
         """Run one optimizer step per batch; ``on_step`` sees each step's output dict.
 
         ``first_step``: the global step before these batches (errors name global steps).
+        ``before_step(s)``: called before the update that follows ``s`` global steps (e.g. to
+        set its learning rate; the pipeline's and the loop's ``zero_grad()`` then hand the
+        rate to the fused sparse kernels before their in-backward update).
         """
         self.module.train()
         prepared: Iterator[Batch] = (self.model.prepare_batch(b) for b in batches)
@@ -211,6 +253,8 @@ class Trainer:
             if not getattr(self.pipeline, "_model_attached", True):
                 self.pipeline.attach(self.module)
             while True:
+                if before_step is not None:
+                    before_step(first_step + steps)
                 try:
                     out = self.pipeline.progress(prepared)
                 except StopIteration:
@@ -220,6 +264,8 @@ class Trainer:
                 steps += 1
             return steps
         for batch in prepared:
+            if before_step is not None:
+                before_step(first_step + steps)
             loss, out = self.module(batch.to(self.device))
             self._check_finite(out, first_step + steps + 1)
             self.optimizer.zero_grad()
@@ -270,9 +316,9 @@ class Trainer:
         return compute_ctr_metrics(**gather_arrays(acc.state()))
 
 
-def _equal_step_count(reader: ParquetBatchReader, ctx: DistContext | None, what: str) -> int:
-    """Steps every rank can take on ``what`` (sharded forwards are collectives: equal counts)."""
-    n_local = reader.num_batches()
+def _equal_step_count(n_local: int, ctx: DistContext | None, what: str) -> int:
+    """Steps every rank can take on ``what``, of which this rank has ``n_local`` batches
+    (sharded forwards are collectives: equal counts)."""
     if ctx is None:
         return n_local
     n = all_reduce_int(n_local, dist.ReduceOp.MIN)
@@ -365,6 +411,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         else cfg.train.eval_batch_size
 
     trainer = Trainer(cfg, ctx)
+    id_report = IdMappingReport(trainer.model, active=hasattr(trainer.model, "id_mapper") or cfg.data.id_churn > 0)
     if ctx is not None:
         # Which process is which rank: operators (and the fault-tolerance test) kill by pid.
         (out_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -377,98 +424,81 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
             log.info("sharding plan (world size %d):\n%s", world, format_plan(trainer.plan_rows))
             (out_dir / "plan.json").write_text(json.dumps(trainer.plan_rows, indent=2) + "\n")
 
-    train_days = list(range(cfg.data.train_days))
-    test_days = list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
-    eval_reader = open_reader(cfg, root, test_days, eval_bs, rank, world)  # a missing test day fails now
-
-    def reader(day: int) -> ParquetBatchReader:
-        return open_reader(cfg, root, day, bs, rank, world)
-
-    # The schedule (epoch, day, steps) is fixed up front from Parquet footers, so a
-    # checkpoint's global step maps back to an exact (day, batch) on resume.
-    day_steps = {d: _equal_step_count(reader(d), ctx, f"day {d}") for d in train_days}
-    schedule = [(e, d, day_steps[d]) for e in range(cfg.train.epochs) for d in train_days]
-    day_ends = set(itertools.accumulate(n for _, _, n in schedule))
-    total_steps = sum(n for _, _, n in schedule)
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    split = split_days(cfg.data)
+    schedule, reader, valid_reader, test_reader = _plan_data(cfg, root, split, bs, eval_bs, ctx)
 
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last)
-    checkpointing = cfg.checkpoint.at_day_end or cfg.checkpoint.every_steps > 0
-    pos = Position()
-    latest = ckpt.latest() if cfg.checkpoint.resume == "auto" else None
-    start = 0
-    if latest is not None:
-        pos, meta = ckpt.load(trainer, latest)
-        start = pos.global_step
-        if (meta.get("world_size"), meta.get("local_batch_size")) != (world, bs):
-            # Another world size cuts the days into other batches: restart the day the
-            # checkpoint was in (day-end checkpoints therefore resume exactly).
-            done = 0
-            for _, _, n in schedule:
-                if done + n > start:
-                    break
-                done += n
-            log.warning("resuming a checkpoint of world size %s on %d ranks: restarting its day at step %d "
-                        "(exact continuation needs the same world size and batch size)",
-                        meta.get("world_size"), world, done)
-            start = done
+    policy = CheckpointPolicy(cfg.checkpoint, schedule)
+    stopper = EarlyStopping(cfg.train.early_stop)
+    lr = LRSchedule(cfg.train.lr_schedule, schedule.length, stopper.improvement)
+    best = BestCheckpoint(ckpt_dir / "best")
+    validation = None if valid_reader is None else Validation(
+        valid_reader, stopper, lr, best, epoch_ends=schedule.epoch_ends, every=cfg.train.eval_every,
+        last_step=schedule.length, restore_best=cfg.train.early_stop.restore_best, is_main=is_main)
+
+    resumed = resume(ckpt, trainer, schedule, world, bs, cfg.checkpoint.resume == "auto", log)
+    start, pos = resumed.start, resumed.position
+    for point in stopper.replay(resumed.history, start):  # early-stop and plateau state as they were at `start`
+        lr.on_validation(point.get(stopper.monitor))
+    if resumed.path is None:
+        if is_main and list_checkpoints(best.root):  # an earlier run's best point is not this run's
+            moved = move_aside_checkpoints(best.root)
+            log.warning("fresh start: moved the best checkpoint of an earlier run in %s aside to %s", best.root, moved)
+    else:
+        best.drop_after(start, is_main)
         if is_main:
-            log.info("resumed from %s at global step %d (%d samples seen)", latest, start, pos.samples)
+            log.info("resumed from %s at global step %d (%d samples seen)", resumed.path, start, pos.samples)
+    if ctx is not None:
+        dist.barrier()  # rank 0 has (re)moved stale best checkpoints before anyone saves one
 
-    def train_batches() -> Iterator[Batch]:
-        done = 0
-        for epoch, day, n in schedule:
-            if done + n <= start:
-                done += n
-                continue
-            state["day"] = day
-            first = max(0, start - done)
-            stop = n if not cfg.train.max_steps else min(n, cfg.train.max_steps - done)
-            if stop > first:
-                yield from itertools.islice(iter(reader(day)), first, stop)
-            done += n
-            if cfg.train.max_steps and done >= cfg.train.max_steps:
-                return
-
-    state: dict[str, Any] = {"day": train_days[0], "seen": pos.samples, "steps": start, "loss": None}
-    per_step_rows = cfg.train.batch_size if cfg.train.batch_size_scope == "global" else bs * world
-    bar = tqdm(total=total_steps * per_step_rows, initial=min(start, total_steps) * per_step_rows, unit="sample",
-               disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
+    progress = _Progress(cfg, schedule, start, pos.samples, world, bs, is_main)
     t0 = time.perf_counter()
-    seen_at_start = state["seen"]
-    guard = LossGuard()
-
-    def on_step(out: dict[str, torch.Tensor]) -> None:
-        n = out["logits"].numel() * world  # global samples this step (ranks step together)
-        state["seen"] += n
-        state["steps"] += 1
-        loss = out["loss"].item()
-        state["loss"] = loss if state["loss"] is None else 0.98 * state["loss"] + 0.02 * loss
-        bar.update(n)
-        step = state["steps"]
-        guard.update(loss, out["bce"].item(), step)
-        if step % cfg.train.log_every == 0:
-            rate = (state["seen"] - seen_at_start) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{state['loss']:.4f}", samples_s=f"{rate:,.0f}", day=state["day"])
-            if is_main and not cfg.train.progress:
-                log.info("day %d step %d loss %.4f %.0f samples/s", state["day"], step, state["loss"], rate)
-        every = cfg.checkpoint.every_steps
-        if (every and step % every == 0) or (cfg.checkpoint.at_day_end and step in day_ends) or (
-            checkpointing and step == total_steps
-        ):
-            final = step == sum(n for _, _, n in schedule)
-            ckpt.save(trainer, Position(step, state["seen"], final), {"local_batch_size": bs})
-
+    step = start
+    on_step = id_report.wrap(progress.on_step)
     try:
         if not pos.final:
-            trainer.train_steps(train_batches(), on_step, first_step=start)
+            validating = validation is not None
+            ends = schedule.segment_ends(
+                start, [cfg.checkpoint.every_steps if policy.enabled else 0, cfg.train.eval_every if validating else 0],
+                policy.points() | (validation.points() if validating else set()))
+            for end in ends:
+                # One segment: the steps up to the next validation / checkpoint / end. The sharded
+                # pipeline drains at its end, so every rank has applied the same updates.
+                batches = schedule.batches(step, end, reader, progress.set_day)
+                trainer.train_steps(id_report.watch(batches, lambda: progress.day), on_step, first_step=step,
+                                    before_step=lambda s: trainer.set_lr_factor(lr.factor(s)))
+                step = end
+                if validating and validation.due(step):
+                    validation.run(trainer, step, schedule.epoch_of(step), progress.seen,
+                                   {"local_batch_size": bs})
+                if policy.due(step, stopping=stopper.stopped):
+                    final = step == schedule.length or stopper.stopped
+                    ckpt.save(trainer, Position(step, progress.seen, final),
+                              {"local_batch_size": bs, "training_state": {"history": stopper.history}})
+                if stopper.stopped:
+                    if is_main:
+                        log.info("early stop at step %d (epoch %d): no better validation %s in %d validations",
+                                 step, schedule.epoch_of(step), stopper.monitor, stopper.cfg.patience)
+                    break
+        id_days = id_report.finish()
     finally:
-        bar.close()
-    train_seconds = time.perf_counter() - t0
+        progress.close()
+    train_seconds = time.perf_counter() - t0 - (validation.seconds if validation else 0.0)
+
+    # Test with the best validated weights (the weights in memory are those after `weights_step`).
+    weights_step = pos.global_step if pos.final else step
+    restored = None
+    summary = stopper.summary()
+    if summary is not None and cfg.train.early_stop.restore_best:
+        restored = summary["step"]
+        if restored != weights_step:
+            path = best.restore(trainer, restored)
+            if is_main:
+                log.info("restored the best validation point (epoch %d, step %d, %s %.4f) from %s for the test days",
+                         summary["epoch"], restored, stopper.monitor, summary["value"], path)
 
     t1 = time.perf_counter()
-    metrics = trainer.evaluate(eval_reader)
+    metrics = trainer.evaluate(test_reader)
     eval_seconds = time.perf_counter() - t1
 
     result: dict[str, Any] = {
@@ -478,21 +508,119 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
         "data_root": str(root),
         "world_size": world,
         "sparse_optimizer": trainer.optimizer_note,
-        "train_days": train_days,
-        "test_days": test_days,
+        "train_days": split.train,
+        "valid_days": split.valid,
+        "valid_tail": None if split.tail_day is None else {"day": split.tail_day, "fraction": split.tail_fraction,
+                                                           "split": split.tail_split},
+        "test_days": split.test,
         **metrics.to_dict(),
-        "num_train_samples": state["seen"],
+        "num_train_samples": progress.seen,
         "resumed_from_step": start,
         "num_eval_samples": metrics.num_samples,
-        "train_steps": state["steps"],
+        "train_steps": progress.steps,
+        "scheduled_steps": schedule.length,
+        "epochs_run": schedule.epoch_of(weights_step) if weights_step else 0,
+        "stopped_early": stopper.stopped,
+        # The weights the test days were scored with: the best validation point's ("restored":
+        # its epoch, step and validation metrics), or the last step's when nothing was validated.
+        "restored": None if restored is None else {**summary, "from_checkpoint": restored != weights_step},
+        "best_validation": summary,
+        "validation": stopper.history,
+        "lr_schedule": cfg.train.lr_schedule.kind,
+        "final_lr_factor": lr.factor(max(weights_step - 1, 0)),
         "train_seconds": round(train_seconds, 3),
-        "train_samples_per_s": round((state["seen"] - seen_at_start) / max(train_seconds, 1e-9), 1),
+        "train_samples_per_s": round((progress.seen - progress.seen_at_start) / max(train_seconds, 1e-9), 1),
+        "valid_seconds": round(validation.seconds, 3) if validation else 0.0,
         "eval_seconds": round(eval_seconds, 3),
-        "final_train_loss": state["loss"],
+        "final_train_loss": progress.loss,
     }
+    if id_report.active:
+        result["id_mapping_days"] = id_days
     if is_main:
         (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     return TrainResult(out_dir, _jsonable(result))
+
+
+def _plan_data(cfg: JobConfig, root: Path, split: DaySplit, bs: int, eval_bs: int, ctx: DistContext | None
+               ) -> tuple[TrainSchedule, Callable[[int], BatchSource], BatchSource | None, ParquetBatchReader]:
+    """The training schedule, this rank's training batches of a day, validation and test readers.
+
+    The schedule is fixed up front (every rank the same step count per day): from Parquet
+    footers, or for a ``per_user`` validation split from one pass over the day's user ids.
+    The validation rows of the last training day (``data.valid_fraction``) are split off
+    this rank's own rows of that day, so no rank ever trains on a row it validates on.
+    """
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    test_reader = open_reader(cfg, root, split.test, eval_bs, rank, world)  # a missing test day fails now
+    valid_reader: BatchSource | None = None
+    if split.valid:
+        valid_reader = open_reader(cfg, root, split.valid, eval_bs, rank, world)
+    day_steps = {}
+    train_mask: Any = None
+    for d in split.train:
+        r = open_reader(cfg, root, d, bs, rank, world)
+        if d == split.tail_day and split.tail_split == "per_user":
+            held = user_tail_mask(r, split.tail_fraction)
+            if not held.any() or held.all():
+                raise DataError(f"day {d}: data.valid_split=per_user with data.valid_fraction="
+                                f"{split.tail_fraction:g} holds out {int(held.sum())} of this rank's {held.size} rows; "
+                                "use a larger fraction, data.valid_split=tail or data.valid_days")
+            train_mask = ~held
+            valid_reader = MaskedRows(r, held, eval_bs)
+            day_steps[d] = _equal_step_count(MaskedRows(r, train_mask, bs).num_batches(), ctx,
+                                             f"day {d} (without its validation rows)")
+        elif d == split.tail_day:
+            n = r.num_batches()
+            cut = n - held_out_batches(n, split.tail_fraction, f"day {d}")
+            valid_reader = HeldOutTail(r, cut)
+            day_steps[d] = _equal_step_count(cut, ctx, f"day {d} (without its validation tail)")
+        else:
+            day_steps[d] = _equal_step_count(r.num_batches(), ctx, f"day {d}")
+
+    def reader(day: int) -> BatchSource:
+        r = open_reader(cfg, root, day, bs, rank, world)
+        return MaskedRows(r, train_mask, bs) if day == split.tail_day and train_mask is not None else r
+
+    schedule = TrainSchedule(cfg.train.epochs, split.train, day_steps, cfg.train.max_steps)
+    return schedule, reader, valid_reader, test_reader
+
+
+class _Progress:
+    """Per-step bookkeeping: samples seen, smoothed loss, progress bar / log lines, divergence guard."""
+
+    def __init__(self, cfg: JobConfig, schedule: TrainSchedule, start: int, seen: int, world: int, bs: int,
+                 is_main: bool) -> None:
+        self.cfg, self.world, self.is_main = cfg, world, is_main
+        self.day = schedule.entries[0][1] if schedule.entries else 0
+        self.seen = self.seen_at_start = seen
+        self.steps = start
+        self.loss: float | None = None
+        self.guard = LossGuard()
+        per_step_rows = cfg.train.batch_size if cfg.train.batch_size_scope == "global" else bs * world
+        self.bar = tqdm(total=schedule.stop * per_step_rows, initial=min(start, schedule.stop) * per_step_rows,
+                        unit="sample", disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
+        self.t0 = time.perf_counter()
+
+    def set_day(self, day: int) -> None:
+        self.day = day
+
+    def on_step(self, out: dict[str, torch.Tensor]) -> None:
+        n = out["logits"].numel() * self.world  # global samples this step (ranks step together)
+        self.seen += n
+        self.steps += 1
+        loss = out["loss"].item()
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        self.bar.update(n)
+        step = self.steps
+        self.guard.update(loss, out["bce"].item(), step)
+        if step % self.cfg.train.log_every == 0:
+            rate = (self.seen - self.seen_at_start) / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{self.loss:.4f}", samples_s=f"{rate:,.0f}", day=self.day)
+            if self.is_main and not self.cfg.train.progress:
+                log.info("day %d step %d loss %.4f %.0f samples/s", self.day, step, self.loss, rate)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

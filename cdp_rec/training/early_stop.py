@@ -1,0 +1,190 @@
+"""Validation history, early stopping and the best checkpoint.
+
+:class:`EarlyStopping` keeps the list of validation points (``{epoch, step, auc,
+logloss, ...}``, written to ``metrics.json`` as ``validation``) and derives everything
+else from it: the best point of ``train.early_stop.monitor``, how many validations in a
+row brought none, and whether the run stops. Because the state *is* the history, a
+checkpoint stores only the history (in ``meta.json``) and a resumed run replays it —
+together with the plateau schedule's state (:class:`~cdp_rec.training.lr_schedule.LRSchedule`)
+— to continue exactly where the interrupted run was, patience included.
+
+:class:`BestCheckpoint` writes the best point's model and optimizer state to
+``<checkpoints>/best/step-N/`` with the same :class:`~cdp_rec.training.checkpoint.Checkpointer`
+as the regular checkpoints (DCP, every rank its shards, SHA-256 of every file, atomic
+rename, one kept) and loads it back before the test days are scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cdp_rec.config import EarlyStopConfig
+from cdp_rec.training.checkpoint import Checkpointer, CheckpointError, Position, list_checkpoints
+from cdp_rec.training.lr_schedule import Improvement
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("auc", "logloss", "uauc", "gauc")
+
+
+class EarlyStopping:
+    """Early stopping over a history of validation points (see the module docstring).
+
+    ``update(point)`` appends one point (a dict with ``step``, ``epoch`` and the
+    metrics); ``improved`` tells whether it is the new best. ``stopped`` turns true once
+    ``patience`` points in a row bring no new best and stopping is ``enabled``.
+    """
+
+    def __init__(self, cfg: EarlyStopConfig) -> None:
+        self.cfg = cfg
+        self.improvement = Improvement(cfg.resolved_mode(), cfg.min_delta)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.bad = 0
+        self.stopped = False
+
+    @property
+    def monitor(self) -> str:
+        return self.cfg.monitor
+
+    def update(self, point: dict[str, Any]) -> bool:
+        value = _number(point.get(self.monitor))
+        improved = self.improvement.better(value, None if self.best is None else _number(self.best[self.monitor]))
+        if improved:
+            self.best, self.bad = point, 0
+        else:
+            self.bad += 1
+            if self.cfg.enabled and self.bad >= self.cfg.patience:
+                self.stopped = True
+        point["best"] = improved
+        self.history.append(point)
+        return improved
+
+    def replay(self, history: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
+        """Rebuild the state from a checkpoint's ``history`` (points at steps ``<= upto``);
+        returns the points replayed, in order (for other state to replay, e.g. the plateau)."""
+        kept = [dict(p) for p in history if p["step"] <= upto]
+        self.history, self.best, self.bad, self.stopped = [], None, 0, False
+        for point in kept:
+            self.update(point)
+        return kept
+
+    def summary(self) -> dict[str, Any] | None:
+        """The best point for metrics.json: its epoch, step and validation metrics."""
+        if self.best is None:
+            return None
+        return {"epoch": self.best["epoch"], "step": self.best["step"], "monitor": self.monitor,
+                "mode": self.improvement.mode, "value": self.best.get(self.monitor),
+                **{k: self.best.get(k) for k in METRIC_KEYS}}
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def check_history(history: Any, where: str) -> list[dict[str, Any]]:
+    """A checkpoint's validation history, checked to be what :class:`EarlyStopping` writes."""
+    if not isinstance(history, list):
+        raise CheckpointError(f"{where}: training_state.history is not a JSON array")
+    for i, point in enumerate(history):
+        ok = isinstance(point, dict) and all(type(point.get(k)) is int for k in ("step", "epoch")) and all(
+            point.get(k) is None or isinstance(point.get(k), (int, float)) for k in METRIC_KEYS)
+        if not ok:
+            raise CheckpointError(f"{where}: training_state.history[{i}] is not a validation point "
+                                  "(an object with integer step and epoch and numeric metrics)")
+    return history
+
+
+class BestCheckpoint:
+    """The best validation point's checkpoint under ``root`` (``<checkpoints>/best``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpointer = Checkpointer(self.root, keep_last=1)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:09d}"
+
+    def save(self, trainer: Any, position: Position, extra: dict[str, Any]) -> Path:
+        """Collective (every rank, same step)."""
+        return self.checkpointer.save(trainer, position, extra)
+
+    def drop_after(self, step: int, is_main: bool) -> None:
+        """A resumed run repeats the steps after ``step``: best checkpoints saved there by the
+        interrupted run are its own stale copies (they will be saved again)."""
+        if not is_main:
+            return
+        for path in list_checkpoints(self.root):
+            if int(path.name.split("-", 1)[1]) > step:
+                log.info("resuming at step %d: removing the later best checkpoint %s (it is redone)", step, path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def restore(self, trainer: Any, step: int) -> Path:
+        """Load the best point's model (and optimizer) state into ``trainer``. Collective."""
+        path = self.path(step)
+        if not (path / "meta.json").is_file():
+            raise CheckpointError(f"{path}: the best validation point's checkpoint is missing (was it deleted?); "
+                                  "set train.early_stop.restore_best=false to test the last weights")
+        self.checkpointer.load(trainer, path)
+        return path
+
+
+class Validation:
+    """Scores the held-out data at the validation points and acts on the result.
+
+    Due after every epoch and, with ``train.eval_every`` = k, after every k-th step.
+    Each point is logged, appended to :class:`EarlyStopping`'s history, fed to the
+    plateau schedule, and — when it is a new best that a later step could replace and
+    ``restore_best`` is on — saved as the best checkpoint (before the regular checkpoint
+    of the same step, so a regular checkpoint never names a best point that is not on
+    disk).
+    """
+
+    def __init__(self, reader: Any, stopper: EarlyStopping, lr: Any, best: BestCheckpoint, *,
+                 epoch_ends: set[int], every: int, last_step: int, restore_best: bool, is_main: bool) -> None:
+        self.reader, self.stopper, self.lr, self.best = reader, stopper, lr, best
+        self.epoch_ends, self.every, self.last_step = epoch_ends, every, last_step
+        self.restore_best, self.is_main = restore_best, is_main
+        self.seconds = 0.0
+
+    def points(self) -> set[int]:
+        """Steps that end a segment for a validation (multiples of ``every`` are added by the schedule)."""
+        return set(self.epoch_ends)
+
+    def due(self, step: int) -> bool:
+        return step in self.epoch_ends or (bool(self.every) and step % self.every == 0)
+
+    def run(self, trainer: Any, step: int, epoch: int, samples: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """Validate the weights after global step ``step`` (collective) and update the state."""
+        t0 = time.perf_counter()
+        m = trainer.evaluate(self.reader)
+        point: dict[str, Any] = {"epoch": epoch, "step": step, "epoch_end": step in self.epoch_ends,
+                                 **{k: _json_number(getattr(m, k)) for k in METRIC_KEYS},
+                                 "num_samples": m.num_samples, "lr_factor": self.lr.factor(max(step - 1, 0))}
+        improved = self.stopper.update(point)
+        reduced = self.lr.on_validation(point[self.stopper.monitor])
+        self.seconds += time.perf_counter() - t0
+        if self.is_main:
+            best = self.stopper.best or {}
+            bad, patience = self.stopper.bad, self.stopper.cfg.patience
+            waited = f", {bad}/{patience} without a better one" if bad else ""
+            log.info("validation epoch %d step %d: auc %s logloss %s%s (best %s %s at step %s%s)%s",
+                     epoch, step, _fmt(point["auc"]), _fmt(point["logloss"]), " *" if improved else "",
+                     self.stopper.monitor, _fmt(best.get(self.stopper.monitor)), best.get("step"), waited,
+                     "; learning rate reduced" if reduced else "")
+        if improved and self.restore_best and step != self.last_step:
+            self.best.save(trainer, Position(step, samples, False), {**extra, "validation": point})
+        return point
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
