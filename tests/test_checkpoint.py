@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,7 @@ from cdp_rec.training.checkpoint import (
     list_checkpoints,
     load_unsharded,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench._common import free_port
 
 
 def _overrides(root: Path, run_dir: Path, name: str, *extra: str) -> list[str]:
@@ -101,7 +95,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_two_ranks(data_root, tmp_p
         _overrides(data_root, tmp_path, "cut2", "train.max_steps=25"),
         _overrides(data_root, tmp_path, "cut2"),
     ]
-    mp.spawn(_train_worker, args=([_free_port() for _ in jobs], jobs), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=([free_port() for _ in jobs], jobs), nprocs=2, join=True)
     assert json.loads((tmp_path / "cut2" / "metrics.json").read_text())["resumed_from_step"] == 25
     _assert_same_run(tmp_path / "full2", tmp_path / "cut2")
 
@@ -138,7 +132,7 @@ def _reshard_worker(rank: int, world: int, port: int, ckpt: str, sharding: str, 
 def test_reshard_two_ranks_to_one_and_to_another_plan(tmp_path):
     ckpt = tmp_path / "ck" / "step-000000007"
     # Written row_wise: user and item are saved as one shard per rank.
-    mp.spawn(_reshard_worker, args=(2, _free_port(), str(ckpt), "row_wise", str(tmp_path / "w2.pt")), nprocs=2)
+    mp.spawn(_reshard_worker, args=(2, free_port(), str(ckpt), "row_wise", str(tmp_path / "w2.pt")), nprocs=2)
     saved = torch.load(tmp_path / "w2.pt")
     # 2 ranks (row_wise) -> 1 unsharded process, bit for bit.
     model, _ = load_unsharded(ckpt)
@@ -158,7 +152,7 @@ def test_reshard_two_ranks_to_one_and_to_another_plan(tmp_path):
     # 2 ranks row_wise -> 2 ranks table_wise, and -> 1 rank DMP (another plan).
     for world, sharding in ((2, "table_wise"), (1, "row_wise")):
         out = tmp_path / f"r{world}.pt"
-        mp.spawn(_reshard_worker, args=(world, _free_port(), str(ckpt), sharding, str(out)), nprocs=world)
+        mp.spawn(_reshard_worker, args=(world, free_port(), str(ckpt), sharding, str(out)), nprocs=world)
         got = torch.load(out)
         for k, v in saved.items():
             assert torch.equal(got[k], v), (world, sharding, k)

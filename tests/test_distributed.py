@@ -12,7 +12,6 @@ noise per rank, so its 2-rank run is a different (equally valid) random draw.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,11 @@ import torch.multiprocessing as mp
 from cdp_rec.config import JobConfig
 from cdp_rec.data.loader import ParquetBatchReader, list_day_files
 from cdp_rec.data.schema import Batch
+from bench._common import free_port
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise", "data_parallel")
 STEPS = 6
 LOCAL_BS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(sharding: str, run_dir: str) -> JobConfig:
@@ -96,7 +90,7 @@ def results(tmp_path_factory):
     root = tmp / "data"
     generate_dataset(_config("table_wise", str(tmp)), root)
     for world in (1, 2):
-        mp.spawn(_worker, args=(world, _free_port(), str(root), str(tmp)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), str(root), str(tmp)), nprocs=world, join=True)
     return {(s, w): torch.load(tmp / f"{s}-w{w}.pt", weights_only=False) for s in SHARDINGS for w in (1, 2)}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,10 @@ from cdp_rec.config import ConfigError, JobConfig, MODEL_NAMES, load_config
 from cdp_rec.data.loader import DataError, ParquetBatchReader, list_day_files
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch
 from embeddings.id_mapping import EMPTY, ManagedTable, eviction_policy, hash_rows, mix64, row_init
+from bench._common import free_port
 
 MAPPING = "features.id_mapping={item: managed, user: managed, query: hash, category: hash}"
 SMALL = ["data.samples_per_day=3000", "data.rows_per_file=1500", "data.row_group_size=500", "train.progress=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- hash
@@ -479,7 +473,7 @@ def test_two_ranks_equal_one_with_managed_tables_and_reshard_to_one_process(tmp_
     gen.features.num_items = 5000  # the data's vocabulary; the managed table has 300 rows
     generate_dataset(gen, root)
     for world in (1, 2):
-        mp.spawn(_dist_worker, args=(world, _free_port(), str(root), str(tmp_path)), nprocs=world, join=True)
+        mp.spawn(_dist_worker, args=(world, free_port(), str(root), str(tmp_path)), nprocs=world, join=True)
     for sharding in ("table_wise", "row_wise"):
         one, two = (torch.load(tmp_path / f"{sharding}-w{w}.pt", weights_only=False) for w in (1, 2))
         assert one["stats"] == two["stats"]

@@ -18,7 +18,6 @@ offsets), and read back with :func:`embeddings.state.gather_full_state`.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from bench._common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,15 +175,9 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sharded_lookup_pools_the_filtered_history(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         status = (tmp_path / f"rank{rank}.txt").read_text()
         assert status == "ok", f"rank {rank}:\n{status}"

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from cdp_rec.training.safe_load import (
     UnsafeCheckpointError,
     load_metadata,
 )
+from bench._common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -369,12 +369,6 @@ def test_failed_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 2 ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
     from cdp_rec.training.distributed import init_from_env
     from cdp_rec.training.trainer import Trainer
@@ -409,7 +403,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_save_records_all_ranks_files_and_a_damaged_one_fails_every_rank(tmp_path):
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path / "ck"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path / "ck"), str(tmp_path)), nprocs=2, join=True)
     path = tmp_path / "ck" / "step-000000005"
     names = sorted(read_meta(path)["files"])
     assert names == sorted(p.name for p in path.iterdir() if p.name != "meta.json")

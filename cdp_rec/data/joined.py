@@ -76,6 +76,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdp_rec.config import ConfigError, FeatureConfig, JobConfig
+from cdp_rec.data.hashing import fmix64
 from cdp_rec.data.loader import (
     DataError,
     ParquetBatchReader,
@@ -120,14 +121,7 @@ def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
     MurmurHash3's finalizer: stable across runs, machines and numpy versions (unlike
     Python's ``hash``), and it spreads consecutive ids evenly over the buckets.
     """
-    x = np.asarray(user_ids).astype(np.uint64)  # a copy: shifted in place below
-    # uint64 arithmetic wraps modulo 2**64, as the hash wants.
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xFF51AFD7ED558CCD)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xC4CEB9FE1A85EC53)
-    x ^= x >> np.uint64(33)
-    return (x % np.uint64(num_buckets)).astype(np.int64)
+    return (fmix64(user_ids) % np.uint64(num_buckets)).astype(np.int64)
 
 
 def bucket_name(bucket: int) -> str:

@@ -69,6 +69,7 @@ import yaml
 
 from cdp_rec.config import FeatureConfig, JobConfig
 from cdp_rec.data import joined as J
+from cdp_rec.data.hashing import fmix64
 from cdp_rec.data.loader import DataError
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data import spec as spec_module
@@ -90,17 +91,6 @@ _MASK63 = np.uint64((1 << 63) - 1)
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def fmix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer on uint64 (wrapping arithmetic)."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xFF51AFD7ED558CCD)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xC4CEB9FE1A85EC53)
-    x ^= x >> np.uint64(33)
-    return x
 
 
 def hash_strings(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
