@@ -13,10 +13,13 @@ recency_window) -> (pooled [B, D], counts [B] int64, denominators [B] float32)``
   :mod:`embeddings.pooling`, so the op, its fake and its autograd are testable on CPU.
 
 Backward: ``cdp_rec::category_filtered_pool_backward``, a second custom op (so the pair
-traces under ``torch.compile``) made of PyTorch ops that run on either device: recompute
-the matches' positions (compaction, O(N) compare + O(M) rest), then ``index_add_``
+traces under ``torch.compile``). Its PyTorch implementation (any device) recomputes the
+matches' positions (compaction, O(N) compare + O(M) rest), then ``index_add_``s
 ``w_j / sum(w) * grad[b]`` into a dense ``[V, D]`` gradient -- only matching rows are
-non-zero. Per-behaviour weights that require grad get ``<grad[b], e_j - pooled[b]> /
+non-zero. On CUDA the table gradient is one Triton pass instead
+(:func:`_category_filtered_pool_bwd_table`: the forward's masked walk, scattering with
+atomic adds), because the compaction made fwd+bwd slower than the unfused PyTorch path
+(measured on an H200, docs/performance.md). Per-behaviour weights that require grad get ``<grad[b], e_j - pooled[b]> /
 sum(w)`` at the matches (plus the gradient of the returned denominator).
 
 Tested without a GPU: the op, its fake, autograd and ``opcheck`` run on CPU (where the
@@ -107,8 +110,60 @@ if HAS_TRITON:
             tl.store(COUNTS + b, count.to(tl.int64))
             tl.store(DEN + b, den)
 
+    @triton.jit
+    def _category_filtered_pool_bwd_table(
+        GRAD,  # [B, D] upstream gradient of the pooled output
+        IDS,  # [N]
+        CATS,  # [N]
+        PSW,  # [N] (unused unless HAS_WEIGHTS)
+        OFFSETS,  # [B + 1] int64
+        TARGET,  # [B]
+        DEN,  # [B] float32 denominators saved by the forward
+        GW,  # [V, D] float32 table gradient, zero-initialised
+        D,
+        stride_g,
+        stride_gw,
+        window,
+        HAS_WEIGHTS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # The forward's walk again, scattering instead of gathering: row ids_j of the table
+        # gets w_j / den_b * grad[b] for every match j of sample b. Matches are found by the
+        # same masked compare, so no compaction ([M] positions) is materialised; duplicate
+        # rows across samples meet in atomic adds (fp32 order is not fixed, as in index_add_).
+        b = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
+        den = tl.load(DEN + b)
+        if den != 0.0:
+            start = tl.load(OFFSETS + b)
+            end = tl.load(OFFSETS + b + 1)
+            if HAS_WINDOW:
+                start = tl.maximum(start, end - window)
+            tgt = tl.load(TARGET + b)
+            offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            g = tl.load(GRAD + b * stride_g + offs_d, mask=mask_d, other=0.0).to(tl.float32) / den
+            for lo in range(start, end, BLOCK_L):
+                offs_l = lo + tl.arange(0, BLOCK_L)
+                in_bag = offs_l < end
+                cat = tl.load(CATS + offs_l, mask=in_bag, other=0)
+                match = in_bag & (cat == tgt)
+                ids = tl.load(IDS + offs_l, mask=match, other=0).to(tl.int64)
+                if HAS_WEIGHTS:
+                    w = tl.load(PSW + offs_l, mask=match, other=0.0).to(tl.float32)
+                else:
+                    w = match.to(tl.float32)
+                tl.atomic_add(
+                    GW + ids[:, None] * stride_gw + offs_d[None, :],
+                    w[:, None] * g[None, :],
+                    mask=match[:, None] & mask_d[None, :],
+                )
+
 else:
     _category_filtered_pool_fwd = None
+    _category_filtered_pool_bwd_table = None
 
 
 def _triton_forward(
@@ -146,6 +201,40 @@ def _triton_forward(
         num_warps=4,
     )
     return out, counts, den
+
+
+def _triton_backward_table(
+    grad_pooled: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    cats: torch.Tensor,
+    offsets: torch.Tensor,
+    target: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    den: torch.Tensor,
+    recency_window: Optional[int],
+) -> torch.Tensor:
+    """Dense ``[V, D]`` table gradient by :func:`_category_filtered_pool_bwd_table` (same dtype as ``weight``)."""
+    assert HAS_TRITON and _category_filtered_pool_bwd_table is not None
+    batch, dim = target.numel(), weight.shape[1]
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if batch and dim:
+        grad = grad_pooled.contiguous()
+        ids, cats, offsets = ids.contiguous(), cats.contiguous(), offsets.to(torch.int64).contiguous()
+        target = target.to(cats.dtype).contiguous()
+        block_d = min(triton.next_power_of_2(dim), 128)
+        block_l = 64 if block_d <= 64 else 32
+        psw = per_sample_weights.contiguous() if per_sample_weights is not None else grad
+        _category_filtered_pool_bwd_table[(batch, triton.cdiv(dim, block_d))](
+            grad, ids, cats, psw, offsets, target, den.to(torch.float32).contiguous(), grad_weight,
+            dim, grad.stride(0), grad_weight.stride(0), 0 if recency_window is None else recency_window,
+            HAS_WEIGHTS=per_sample_weights is not None,
+            HAS_WINDOW=recency_window is not None,
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return grad_weight if weight.dtype == torch.float32 else grad_weight.to(weight.dtype)
 
 
 @torch.library.custom_op("cdp_rec::category_filtered_pool", mutates_args=())
@@ -237,6 +326,13 @@ def category_filtered_pool_backward(
         ``(grad_weight [V, D] dense, non-zero on matching rows only; grad_per_sample_weights [N])``;
         each is an empty tensor when its flag is false.
     """
+    return _backward_torch(grad_pooled, grad_den, weight, ids, cats, offsets, target, per_sample_weights, pooled, den,
+                           recency_window, need_weight_grad, need_weights_grad)
+
+
+def _backward_torch(grad_pooled, grad_den, weight, ids, cats, offsets, target, per_sample_weights, pooled, den,
+                    recency_window, need_weight_grad, need_weights_grad):
+    """The backward in PyTorch ops (any device): compaction of the matches, then ``index_add_``."""
     from embeddings.pooling import _match_positions
 
     psw = per_sample_weights
@@ -257,6 +353,27 @@ def category_filtered_pool_backward(
         g = (diff * g_rows.to(torch.float32)).sum(1) * scale + grad_den.to(torch.float32).index_select(0, seg)
         grad_psw = torch.zeros_like(psw).index_put_((pos,), g.to(psw.dtype))
     return grad_weight, grad_psw
+
+
+if HAS_TRITON:
+
+    @category_filtered_pool_backward.register_kernel("cuda")
+    def _(grad_pooled, grad_den, weight, ids, cats, offsets, target, per_sample_weights, pooled, den, recency_window,
+          need_weight_grad, need_weights_grad):
+        # Table gradient in one Triton pass; the per-behaviour weight gradient (rarely needed:
+        # only when the weights themselves are learned) stays on the PyTorch path.
+        grad_weight = weight.new_empty(0)
+        if need_weight_grad:
+            grad_weight = _triton_backward_table(
+                grad_pooled, weight, ids, cats, offsets, target, per_sample_weights, den, recency_window
+            )
+        grad_psw = weight.new_empty(0) if per_sample_weights is None else per_sample_weights.new_empty(0)
+        if need_weights_grad and per_sample_weights is not None:
+            _, grad_psw = _backward_torch(
+                grad_pooled, grad_den, weight, ids, cats, offsets, target, per_sample_weights, pooled, den,
+                recency_window, False, True,
+            )
+        return grad_weight, grad_psw
 
 
 @category_filtered_pool_backward.register_fake

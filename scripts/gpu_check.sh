@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh                 # on a GPU machine: make setup DEVICE=cuda, then every check
 #   scripts/gpu_check.sh --no-install    # use an existing CUDA Python (PYTHON=..., default python3)
 #   scripts/gpu_check.sh --dry-run       # any machine: list the checks, verify the CUDA lock resolves
-#   options: --out FILE (default gpu_check.json), --quick (small benchmark sizes),
+#   options: --out FILE (default gpu_check.json), --quick (small benchmark sizes), --checks a,b (a subset),
 #            --allow-skipped nccl_2rank (a 1-GPU machine cannot run the 2-rank check)
 #
 # Exit 0 only when every check passed (scripts/gpu_check.py): a missing package, a CUDA test that
@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --no-install) INSTALL=0 ;;
-    --out|--allow-skipped) ARGS+=("$1" "$2"); shift ;;
+    --out|--allow-skipped|--checks) ARGS+=("$1" "$2"); shift ;;
     --quick) ARGS+=("$1") ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;

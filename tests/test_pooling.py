@@ -267,6 +267,13 @@ for B, maxl, C, D in [(16, 300, 5, 8), (5, 2000, 50, 64), (5, 3, 2, 130), (4, 0,
             )
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
             assert torch.equal(counts, ref_counts)
+            # the table-gradient kernel (atomic scatter) against the PyTorch backward
+            _, _, den = pt._triton_forward(table, items, cats, offsets, target, weights, window)
+            grad = torch.randn(B, D, generator=g)
+            gw = pt._triton_backward_table(grad, table, items, cats, offsets, target, weights, den, window)
+            ref_gw, _ = pt._backward_torch(grad, torch.zeros(B), table, items, cats, offsets, target, weights, got,
+                                           den, window, True, False)
+            torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
