@@ -15,13 +15,19 @@ the target and the whole history are mapped, as for the ``base`` model):
   (``splitmix64(id) mod rows``), statistics off, and ``hash+stats`` with
   ``features.hash_collision_stats`` (unique ids, owner scatter per step);
 * ``managed/1``, ``managed/10``: the item table ``managed`` (TorchRec MCH, DistanceLFU)
-  with ``eviction_interval`` 1 and 10: per step the ids are recorded, every interval a
-  round (unique + count + sort of the table's ids) admits / evicts, then every id is
-  looked up in the sorted table (searchsorted). Timed in steady state: the table (rows =
-  the item table's) is first filled from a universe of 2x its rows, so rounds evict.
-  The per-step median of ``managed/10`` excludes the round; ``amortised_ms`` spreads the
-  round's cost over its 10 steps (the history buffer holds 10 steps of ids: 16 bytes each,
-  1.3 GB at B=4096, L=2000, which is why the interval is not larger here).
+  with ``eviction_interval`` 1 and 10, as training runs it
+  (:class:`embeddings.id_mapping.ManagedTable`): per step every id is looked up in the
+  hash index beside the sorted id table, held ids add to their row's count, the others
+  (misses) go to the history; every interval a round admits / evicts (a sort of the
+  misses only, the policy's selection, a merge into the sorted table, index updates),
+  then the ids whose row the round changed are looked up again. Timed in steady state:
+  the table (rows = the item table's) is first filled from a universe of 2x its rows, so
+  rounds evict. The per-step median of ``managed/10`` excludes the round;
+  ``amortised_ms`` spreads the round's cost over its 10 steps;
+* ``managed-ref/1`` (full run only): the same mapping computed by TorchRec's own path
+  (:class:`embeddings.id_mapping.ReferenceManagedTable`: searchsorted per id, a
+  ``torch.unique`` of every id of the round, full argsorts), interval 1 - the speed-up
+  of the fast path, measured in the same run.
 
 Raw ids are 62-bit (a scramble of Zipf-distributed dense ids, 2x the table's rows, so a
 managed table is always full and evicting). Reported: median ms per batch and the ratio
@@ -54,13 +60,26 @@ def _ids(n: int, universe: int, g) -> "object":
     return torch.from_numpy(scramble62(dense.numpy(), "item"))
 
 
-def run_case(B: int, L: int, rows: int, dim: int, reps: int, seconds: float) -> dict:
+CASES = ("lookup_fwd", "lookup_fwd_bwd", "dense", "hash", "hash+stats", "managed/1", "managed/10", "managed-ref/1")
+
+
+def _reference_step(mc, ids):
+    """TorchRec's profile-then-remap of one step's ids on a ReferenceManagedTable (rows [n])."""
+    import torch
+    from torchrec import JaggedTensor
+
+    jt = {"item": JaggedTensor(values=ids, lengths=torch.tensor([ids.numel()]))}
+    mc.profile(jt)
+    return mc.remap(jt)["item"].values()
+
+
+def run_case(B: int, L: int, rows: int, dim: int, reps: int, seconds: float, with_reference: bool = False) -> dict:
     import numpy as np
     import torch
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
     from cdp_rec.config import ZchConfig
-    from embeddings.id_mapping import IdMapper, MappedTable
+    from embeddings.id_mapping import IdMapper, MappedTable, ReferenceManagedTable, eviction_policy
 
     g = torch.Generator().manual_seed(0)
     keys = ["item_id", "hist_item_ids"]
@@ -112,9 +131,15 @@ def run_case(B: int, L: int, rows: int, dim: int, reps: int, seconds: float) -> 
     timed("hash", hasher)
     stats = IdMapper([table], ZchConfig(), hash_collision_stats=True).train()
     timed("hash+stats", stats)
-    for interval in (1, 10):
+    for interval, reference in ((1, False), (10, False), (1, True)):
+        if reference and not with_reference:
+            continue
         zch = ZchConfig(eviction_interval=interval)
         mapper = IdMapper([MappedTable("item", "managed", rows, dim, tuple(keys))], zch).train()
+        if reference:  # TorchRec's own path in the same mapper: profile (all ids), then remap
+            ref = ReferenceManagedTable("item", rows, eviction_policy("distance_lfu", fast=False), interval)
+            ref.record_and_remap = lambda ids, local, mc=ref: _reference_step(mc, ids)  # type: ignore[attr-defined]
+            mapper.managed["item"] = ref.train()
         mc = mapper.managed["item"]
         t0 = time.perf_counter()
         for b in batches * 2:  # fill: 2x rows of universe, so the table is full after a few rounds
@@ -122,7 +147,7 @@ def run_case(B: int, L: int, rows: int, dim: int, reps: int, seconds: float) -> 
         while mc.occupied() < rows - 1 or mc._current_iter % interval:
             mapper(batch())
         fill_s = time.perf_counter() - t0
-        name = f"managed/{interval}"
+        name = f"managed{'-ref' if reference else ''}/{interval}"
         if interval == 1:
             timed(name, mapper)
         else:
@@ -139,7 +164,7 @@ def run_case(B: int, L: int, rows: int, dim: int, reps: int, seconds: float) -> 
                                                   / (len(step_ts) + len(round_ts)), 2)}
         timing[name].update(fill_s=round(fill_s, 2), evicted=int(mc._evicted_total), occupied=mc.occupied())
     fwd, fwd_bwd = timing["lookup_fwd"]["median_ms"], timing["lookup_fwd_bwd"]["median_ms"]
-    for name in ("dense", "hash", "hash+stats", "managed/1", "managed/10"):
+    for name in [c for c in CASES[2:] if c in timing]:
         ms = timing[name].get("amortised_ms", timing[name]["median_ms"])
         timing[name]["vs_lookup_fwd"] = round(ms / fwd, 3)
         timing[name]["vs_lookup_fwd_bwd"] = round(ms / fwd_bwd, 3)
@@ -161,12 +186,13 @@ def main() -> None:
     if args.quick:
         cases = [dict(B=512, L=200, rows=100_000, dim=16, reps=3, seconds=0.5)]
     else:
-        cases = [dict(B=4096, L=L, rows=1_000_000, dim=64, reps=3, seconds=3.0) for L in (200, 2000)]
+        cases = [dict(B=4096, L=L, rows=1_000_000, dim=64, reps=3, seconds=3.0, with_reference=True)
+                 for L in (200, 2000)]
     results = [run_case(**c) for c in cases]
     rows = []
     for r in results:
         t = r["timing"]
-        for name in ("lookup_fwd", "lookup_fwd_bwd", "dense", "hash", "hash+stats", "managed/1", "managed/10"):
+        for name in [c for c in CASES if c in t]:
             x = t[name]
             rows.append([r["batch"], r["seq_len"], f"{r['rows']:,}", name, x["median_ms"],
                          x.get("amortised_ms", ""), x.get("vs_lookup_fwd", ""), x.get("vs_lookup_fwd_bwd", "")])

@@ -26,9 +26,23 @@ What is measured, per (model, history length L, batch B), each case in a fresh s
 The issue's target -- CDP costs at most 1.3x the base model per sample at L=2000 -- is
 checked and printed for every batch size.
 
+Request-level deduplication (``--dedup``, issue 16): the cases run on *request-shaped*
+batches instead -- requests of K ~ U{4..12} impressions (the generator's), cut at the
+batch edge, sharing user, query, context, scene and one history of exactly L behaviours
+(a behaviour's category is the request's query category with probability 0.2, else
+uniform); an impression's target category is the query's with probability 0.7 (the
+generator's ``ITEM_FROM_QUERY_CATEGORY``), else uniform -- each model once with
+``data.dedup_requests=false`` (every row carries its copy) and once with ``true`` (the
+batches in the reader's deduplicated form, :func:`cdp_rec.data.loader.share_histories`).
+The two run in *one* process, steps alternating (off, on, off, ...), so load from other
+jobs hits both alike: the speed-up of dedup over no dedup is measured within each pair
+(wall clock and process CPU time); peak RSS is then the pair's, the per-step increase is
+not measured.
+
     .venv/bin/python bench/train_step.py                        # full: L=200,1000,2000 x B=512,4096 x base,cdp,din,sim
     .venv/bin/python bench/train_step.py --models base,cdp --json runs/bench/train_step.json
     .venv/bin/python bench/train_step.py --quick                # smoke: tiny sizes, 2 steps
+    .venv/bin/python bench/train_step.py --dedup --models base,cdp --seq-lens 200,2000 --batches 512 --threads 1
 
 Not a test: numbers depend on the machine and its load (a shared 2-core VM here: compare
 ratios from one run, not absolute numbers across runs).
@@ -57,17 +71,136 @@ DEFAULT_CONFIG = str(ROOT / "configs/small.yaml")
 # --------------------------------------------------------------------------- worker
 
 
-def run_case(spec: dict) -> dict:
+IMPRESSIONS_PER_REQUEST = (4, 12)  # the generator's K ~ U{4..12}
+FROM_QUERY_CATEGORY = 0.7  # the generator's ITEM_FROM_QUERY_CATEGORY
+
+
+def request_batches(features, batch_size: int, seq_len: int, n: int, seed: int = 0) -> list:
+    """``n`` request-shaped :class:`Batch` es, every row with its own copy of its request's history.
+
+    Requests of K ~ U{4..12} impressions (the last one cut at the batch edge) share user,
+    query, context, scene and one history of exactly ``seq_len`` behaviours whose category
+    is the request's query category with probability ``C.MATCH_RATE``, else uniform; an
+    impression's item category is the query's with probability 0.7, else uniform.
+    """
+    import dataclasses
+
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch, id_ranges, sparse_keys
+
+    g = torch.Generator().manual_seed(seed)
+    ranges = id_ranges(dataclasses.replace(features, id_mapping={}))
+    keys = sparse_keys(features)
+    per_request = {"user_id", "query_id", *features.context_features, *features.scene_features}
+    B, L = batch_size, seq_len
+    lo, hi = IMPRESSIONS_PER_REQUEST
+    out = []
+    for _ in range(n):
+        sizes = torch.randint(lo, hi + 1, (B // lo + 1,), generator=g)
+        R = int(torch.searchsorted(sizes.cumsum(0), torch.tensor(B))) + 1
+        sizes = sizes[:R].clone()
+        sizes[-1] -= int(sizes.sum()) - B
+        req = torch.repeat_interleave(torch.arange(R), sizes)  # [B] request of each row
+        qcat = torch.randint(0, ranges["category_id"], (R,), generator=g)
+        cols = {}
+        for k in keys[:-2]:
+            draw = torch.randint(0, ranges[k], (R if k in per_request else B,), generator=g)
+            cols[k] = draw[req] if k in per_request else draw
+        from_query = torch.rand(B, generator=g) < FROM_QUERY_CATEGORY
+        cols["category_id"] = torch.where(from_query, qcat[req], cols["category_id"])
+        items = torch.randint(0, ranges[HIST_ITEMS], (R, L), generator=g)
+        cats = torch.randint(0, ranges[HIST_CATEGORIES], (R, L), generator=g)
+        cats = torch.where(torch.rand(R, L, generator=g) < C.MATCH_RATE, qcat[:, None], cats)
+        values = torch.cat([cols[k] for k in keys[:-2]] + [items[req].reshape(-1), cats[req].reshape(-1)])
+        lengths = torch.cat([torch.ones(B * (len(keys) - 2), dtype=torch.int64),
+                             torch.full((2 * B,), L, dtype=torch.int64)])
+        kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+        labels = (torch.rand(B, generator=g) < 0.2).float()
+        out.append(Batch(kjt, labels, cols["user_id"].clone(), req))
+    return out
+
+
+def run_dedup_pair(spec: dict) -> list[dict]:
+    """One model with ``data.dedup_requests`` off and on, on the same request-shaped batches, steps alternating."""
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    from cdp_rec.data.loader import share_histories
     from cdp_rec.training.trainer import Trainer
 
     model, L, B = spec["model"], spec["seq_len"], spec["batch"]
+    trainers, data = {}, {}
+    for dedup in (False, True):
+        cfg = C.bench_config(spec["config"], [f"features.max_seq_len={L}", f"model.name={model}",
+                                              f"train.batch_size={B}", f"data.dedup_requests={str(dedup).lower()}",
+                                              *spec.get("set", [])])
+        batches = request_batches(cfg.features, B, L, 2, seed=spec.get("seed", 0))
+        data[dedup] = [share_histories(b) for b in batches] if dedup else batches
+        trainers[dedup] = Trainer(cfg, None)
+
+    def step(dedup: bool, i: int) -> None:
+        trainers[dedup].train_steps([data[dedup][i % 2]], lambda out: out["loss"].item())
+
+    for i in range(spec["warmup"]):
+        for dedup in (False, True):
+            step(dedup, i)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    t_start = time.perf_counter()
+    i = spec["warmup"]
+    while len(times[True]) < spec["max_steps"] and (
+        len(times[True]) < spec["min_steps"] or time.perf_counter() - t_start < 2 * spec["min_seconds"]
+    ):
+        for dedup in (False, True):
+            c0, t0 = time.process_time(), time.perf_counter()
+            step(dedup, i)
+            times[dedup].append(time.perf_counter() - t0)
+            cpu[dedup].append(time.process_time() - c0)
+        i += 1
+    peak = C.peak_rss_mib()
+    out = []
+    for dedup in (False, True):
+        med = C.median(times[dedup])
+        out.append({
+            **spec, "dedup": dedup,
+            "step_s": [round(t, 5) for t in times[dedup]],
+            "median_step_s": med,
+            "median_step_cpu_s": C.median(cpu[dedup]),
+            "samples_per_s": B / med,
+            "behaviours_per_step": B * L,
+            "history_ids_in_batch": int(data[dedup][0].sparse["hist_item_ids"].lengths().sum()),
+            "peak_rss_mib": round(peak, 1),
+            "step_peak_increase_mib": None,
+            "threads": torch.get_num_threads(),
+            "loadavg": C.loadavg(),
+        })
+    return out
+
+
+def run_case(spec: dict) -> dict | list[dict]:
+    import torch
+
+    if spec.get("pair"):
+        return run_dedup_pair(spec)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    from cdp_rec.data.loader import share_histories
+    from cdp_rec.training.trainer import Trainer
+
+    model, L, B = spec["model"], spec["seq_len"], spec["batch"]
+    dedup = spec.get("dedup", False)
     cfg = C.bench_config(spec["config"], [f"features.max_seq_len={L}", f"model.name={model}",
-                                          f"train.batch_size={B}", *spec.get("set", [])])
-    batches = C.synthetic_batches(cfg.features, B, L, 2, seed=spec.get("seed", 0))
+                                          f"train.batch_size={B}", f"data.dedup_requests={str(dedup).lower()}",
+                                          *spec.get("set", [])])
+    if spec.get("batches", "uniform") == "requests":
+        batches = request_batches(cfg.features, B, L, 2, seed=spec.get("seed", 0))
+        if dedup:
+            batches = [share_histories(b) for b in batches]
+    else:
+        batches = C.synthetic_batches(cfg.features, B, L, 2, seed=spec.get("seed", 0))
     trainer = Trainer(cfg, None)
     n_params = sum(p.numel() for p in trainer.model.parameters())
 
@@ -86,14 +219,16 @@ def run_case(spec: dict) -> dict:
     rss_warm = C.rss_mib()
     reset_ok = C.reset_peak()
     times: list[float] = []
+    cpu: list[float] = []  # process CPU time per step: blind to time spent descheduled on a loaded box
     t_start = time.perf_counter()
     i = spec["warmup"]
     while len(times) < spec["max_steps"] and (
         len(times) < spec["min_steps"] or time.perf_counter() - t_start < spec["min_seconds"]
     ):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         i += 1
     step_peak = C.peak_rss_mib()
     peak = max(peak, step_peak)
@@ -102,8 +237,10 @@ def run_case(spec: dict) -> dict:
         **spec,
         "step_s": [round(t, 5) for t in times],
         "median_step_s": med,
+        "median_step_cpu_s": C.median(cpu),
         "samples_per_s": B / med,
         "behaviours_per_step": B * L,
+        "history_ids_in_batch": int(batches[0].sparse["hist_item_ids"].lengths().sum()),
         "rss_built_mib": round(rss_built, 1),
         "rss_after_warmup_mib": round(rss_warm, 1),
         "peak_rss_mib": round(peak, 1),
@@ -118,27 +255,44 @@ def run_case(spec: dict) -> dict:
 
 
 def _plan(args) -> list[dict]:
+    common = {"config": args.config, "threads": args.threads, "set": args.set}
     if args.quick:
         lens, batches, models = [50, 200], [64], args.models or ["base", "cdp", "din", "sim"]  # one process
         reps = {"warmup": 1, "min_steps": 2, "max_steps": 2, "min_seconds": 0.0}
+        # ... and the dedup comparison once (base, cdp; request-shaped batches at L=50).
+        extra = [{"model": m, "seq_len": 50, "batch": 64, "batches": "requests", "pair": True, **common, **reps}
+                 for m in ("base", "cdp")]
     else:
         lens, batches, models = args.seq_lens, args.batches, args.models or ["base", "cdp", "din", "sim"]
         reps = {"warmup": args.warmup, "min_steps": args.min_steps, "max_steps": args.max_steps,
                 "min_seconds": args.min_seconds}
+        extra = []
+    if args.dedup:
+        return [{"model": m, "seq_len": L, "batch": B, "batches": "requests", "pair": True, **common, **reps}
+                for L in lens for B in batches for m in models]
     return [
-        {"model": m, "seq_len": L, "batch": B, "config": args.config, "threads": args.threads, "set": args.set, **reps}
+        {"model": m, "seq_len": L, "batch": B, "batches": "uniform", "dedup": False, **common, **reps}
         for L in lens for B in batches for m in models
-    ]
+    ] + extra
 
 
 def summarize(results: list[dict]) -> dict:
-    by = {(r["seq_len"], r["batch"], r["model"]): r for r in results}
+    def key(r: dict) -> tuple:
+        return r["seq_len"], r["batch"], r["model"], r.get("batches", "uniform"), r.get("dedup", False)
+
+    by = {key(r): r for r in results}
     rows = []
-    for (L, B, m), r in by.items():
-        base = by.get((L, B, "base"))
+    for (L, B, m, kind, dedup), r in by.items():
+        base = by.get((L, B, "base", kind, dedup))  # the base model on the same batches, same dedup setting
         ratio = base["samples_per_s"] / r["samples_per_s"] if base else None
+        plain = by.get((L, B, m, kind, False)) if dedup else None
         rows.append({
-            "seq_len": L, "batch": B, "model": m,
+            "seq_len": L, "batch": B, "model": m, "batches": kind, "dedup": dedup,
+            "dedup_speedup": None if plain is None else round(r["samples_per_s"] / plain["samples_per_s"], 3),
+            "median_step_cpu_ms": round(r["median_step_cpu_s"] * 1e3, 2),
+            "dedup_speedup_cpu": (None if plain is None
+                                  else round(plain["median_step_cpu_s"] / r["median_step_cpu_s"], 3)),
+            "history_ids_in_batch": r.get("history_ids_in_batch"),
             "median_step_ms": round(r["median_step_s"] * 1e3, 2),
             "samples_per_s": round(r["samples_per_s"], 1),
             "cost_per_sample_vs_base": None if ratio is None else round(ratio, 3),
@@ -148,9 +302,11 @@ def summarize(results: list[dict]) -> dict:
         })
     target = {}
     check_len = TARGET_L if any(k[0] == TARGET_L for k in by) else max(k[0] for k in by)
-    for (L, B, m), r in by.items():
-        if L == check_len and m == "cdp" and (L, B, "base") in by:
-            ratio = by[(L, B, "base")]["samples_per_s"] / r["samples_per_s"]
+    kinds = {k[3] for k in by}
+    check_kind = "uniform" if "uniform" in kinds else "requests"  # the per-row worst case when it ran
+    for (L, B, m, kind, dedup), r in by.items():
+        if L == check_len and m == "cdp" and kind == check_kind and not dedup and (L, B, "base", kind, False) in by:
+            ratio = by[(L, B, "base", kind, False)]["samples_per_s"] / r["samples_per_s"]
             target[str(B)] = {"seq_len": L, "ratio": round(ratio, 3), "holds": ratio <= TARGET_RATIO}
     return {"rows": rows, "target": target}
 
@@ -163,12 +319,30 @@ def print_report(summary: dict, results: list[dict], wall: float, load0: float, 
           "(VmHWM); +MiB/step = peak during timed steps minus RSS before them.\n")
     headers = ["L", "batch", "model", "step ms (median)", "samples/s", "cost/sample vs base", "peak RSS MiB",
                "+MiB/step", "steps"]
+    plain = [r for r in summary["rows"] if r["batches"] == "uniform"]
     rows = [[r["seq_len"], r["batch"], r["model"], f"{r['median_step_ms']:.1f}", f"{r['samples_per_s']:,.0f}",
              "" if r["cost_per_sample_vs_base"] is None else f"{r['cost_per_sample_vs_base']:.2f}x",
              f"{r['peak_rss_mib']:,.0f}",
              "n/a" if r["step_peak_increase_mib"] is None else f"{r['step_peak_increase_mib']:,.0f}",
-             r["timed_steps"]] for r in summary["rows"]]
-    print(C.md_table(headers, rows))
+             r["timed_steps"]] for r in plain]
+    if rows:
+        print(C.md_table(headers, rows))
+    requests = [r for r in summary["rows"] if r["batches"] == "requests"]
+    if requests:
+        print(f"\n#### Request-level deduplication (data.dedup_requests), request-shaped batches "
+              f"(K ~ U{{{IMPRESSIONS_PER_REQUEST[0]}..{IMPRESSIONS_PER_REQUEST[1]}}} impressions per request, "
+              f"one history of exactly L per request)\n")
+        headers = ["L", "batch", "model", "dedup", "history ids in batch", "step ms (median)", "CPU ms/step",
+                   "samples/s", "dedup speed-up (CPU)", "cost/sample vs base", "peak RSS MiB", "+MiB/step", "steps"]
+        rows = [[r["seq_len"], r["batch"], r["model"], "on" if r["dedup"] else "off",
+                 f"{r['history_ids_in_batch']:,}", f"{r['median_step_ms']:.1f}", f"{r['median_step_cpu_ms']:.1f}",
+                 f"{r['samples_per_s']:,.0f}",
+                 "" if r["dedup_speedup"] is None else f"{r['dedup_speedup']:.2f}x ({r['dedup_speedup_cpu']:.2f}x)",
+                 "" if r["cost_per_sample_vs_base"] is None else f"{r['cost_per_sample_vs_base']:.2f}x",
+                 f"{r['peak_rss_mib']:,.0f}",
+                 "n/a" if r["step_peak_increase_mib"] is None else f"{r['step_peak_increase_mib']:,.0f}",
+                 r["timed_steps"]] for r in requests]
+        print(C.md_table(headers, rows))
     print()
     for B, t in summary["target"].items():
         verdict = "HOLDS" if t["holds"] else "DOES NOT HOLD"
@@ -178,6 +352,10 @@ def print_report(summary: dict, results: list[dict], wall: float, load0: float, 
         print("target not checked (needs models base and cdp)")
     print(f"\n(total {wall:.0f} s; 1-minute load average {load0:.1f} at start, {load1:.1f} at end, "
           f"{os.cpu_count()} cores)")
+
+
+def _flat(results: list) -> list[dict]:
+    return [r for x in results for r in (x if isinstance(x, list) else [x])]
 
 
 def main() -> None:
@@ -194,12 +372,14 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=8.0)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--set", action="append", default=[], help="config override for every case")
+    ap.add_argument("--dedup", action="store_true",
+                    help="request-shaped batches, each model with data.dedup_requests off and on")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:  # one case, or (--quick) a list of cases in one process
         spec = json.loads(args.worker)
-        print(json.dumps([run_case(s) for s in spec] if isinstance(spec, list) else run_case(spec)))
+        print(json.dumps(_flat([run_case(s) for s in spec]) if isinstance(spec, list) else run_case(spec)))
         return
     if args.quick and args.config == DEFAULT_CONFIG:
         args.config = str(ROOT / "configs/tiny.yaml")  # tiny tables: seconds to build and step
@@ -210,10 +390,12 @@ def main() -> None:
     # Full: a fresh process per case (clean peak RSS). Quick: one process for all (start-up dominates).
     results = C.spawn_worker(__file__, plan) if args.quick else []
     for spec in [] if args.quick else plan:
-        r = C.spawn_worker(__file__, spec)
-        results.append(r)
-        print(f"  ran L={r['seq_len']} B={r['batch']} {r['model']:<5}: {r['median_step_s'] * 1e3:.1f} ms/step, "
-              f"{r['samples_per_s']:,.0f} samples/s, peak {r['peak_rss_mib']:,.0f} MiB", file=sys.stderr, flush=True)
+        out = C.spawn_worker(__file__, spec)
+        results.extend(out if isinstance(out, list) else [out])
+        for r in out if isinstance(out, list) else [out]:
+            print(f"  ran L={r['seq_len']} B={r['batch']} {r['model']:<5}{' dedup' if r.get('dedup') else ''}: "
+                  f"{r['median_step_s'] * 1e3:.1f} ms/step, {r['samples_per_s']:,.0f} samples/s, "
+                  f"peak {r['peak_rss_mib']:,.0f} MiB", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
     summary = summarize(results)
     load1 = C.loadavg()

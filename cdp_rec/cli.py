@@ -1,4 +1,4 @@
-"""``cdp-rec`` command line: ``gen-data``, ``import``, ``convert``, ``train``, ``evaluate``, ``export``, ``plan`` and ``compare``.
+"""``cdp-rec`` command line: ``gen-data``, ``import``, ``convert``, ``train``, ``evaluate``, ``export``, ``predict``, ``plan`` and ``compare``.
 
 Training-side subcommands take ``--config FILE`` (default: the embedded tiny config) and any
 number of ``--set key=value`` overrides (``--set model.name=base``). Bad configs, bad
@@ -156,10 +156,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.serving:
+        return _export_serving(args)
+    if args.dtype or args.compile:
+        print("cdp-rec export: error: --dtype and --compile apply to --serving packages only", file=sys.stderr)
+        return 2
     from cdp_rec.training.checkpoint import export
 
     manifest = export(Path(args.checkpoint), Path(args.out), force=args.force)
     print(f"exported {len(manifest['tables'])} tables + dense weights of step {manifest['global_step']} to {args.out}")
+    return 0
+
+
+def _export_serving(args: argparse.Namespace) -> int:
+    """``export --serving``: a self-contained package (quantized tables, exported dense graph, id mappings)."""
+    from cdp_rec.serving.export import export_serving
+
+    manifest, sha = export_serving(Path(args.checkpoint), Path(args.out), dtype=args.dtype or "fp32",
+                                   compile=args.compile or "none", force=args.force)
+    dense = manifest["dense"]
+    how = "exported program + AOTInductor build" if dense.get("aoti") else "exported program"
+    if dense.get("aoti_error"):
+        how += f" (AOTInductor failed: {dense['aoti_error']})"
+    print(f"exported {manifest['model']} serving package ({len(manifest['tables'])} {manifest['dtype']} tables, "
+          f"{how}) of step {manifest['source'].get('global_step')} to {args.out}")
+    print(f"package sha256 {sha} (load_package(..., expected_sha256=...) / predict --expect-sha256 pin it)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score Parquet logs with a serving package: ``request_id, item_id, score`` Parquet."""
+    import torch
+
+    from cdp_rec.serving.predict import predict_to_parquet
+    from cdp_rec.serving.runtime import load_package
+
+    if args.batch_size <= 0:
+        print(f"cdp-rec predict: error: --batch-size must be > 0, got {args.batch_size}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.where = Path(args.out)
+    model = load_package(Path(args.model), native=args.native, expected_sha256=args.expect_sha256)
+    stats = predict_to_parquet(model, Path(args.data), Path(args.out), batch_size=args.batch_size, days=args.day,
+                               force=args.force)
+    print(f"scored {stats.rows} rows in {stats.batches} batches with {model.model_name} ({model.dtype} tables, "
+          f"{model.dense_format} dense graph) in {stats.seconds:.1f} s -> {args.out}")
     return 0
 
 
@@ -209,7 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--serving", action="store_true",
+                   help="write a self-contained serving package (TorchRec-quantized tables, torch.export dense "
+                        "graph, id mappings, feature spec, manifest) for `cdp-rec predict` / load_package()")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None,
+                   help="with --serving: table weights (int8: row-wise, fp16 scale + bias per row; default fp32)")
+    p.add_argument("--compile", choices=["none", "aoti"], default=None,
+                   help="with --serving: also build the dense graph with AOTInductor (native code, ~1 min; "
+                        "used by predict --native; default none)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="score Parquet logs with a serving package -> request_id, item_id, score")
+    p.add_argument("--model", required=True, help="serving package directory (export --serving)")
+    p.add_argument("--data", required=True,
+                   help="Parquet file, directory of *.parquet, or data root with day=NN directories (training schema; "
+                        "label optional)")
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument("--day", type=int, action="append", default=[],
+                   help="with a data root: day(s) to score (default all)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per scoring call (default 4096)")
+    p.add_argument("--native", action="store_true",
+                   help="run the package's AOTInductor build (native code from the package: trusted packages only)")
+    p.add_argument("--expect-sha256", default=None, metavar="HEX",
+                   help="refuse the package unless its manifest.json has this SHA-256 (printed by export)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("plan", help="embedding capacity plan: sharding and memory per table and per rank")
     common(p)
@@ -297,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         from embeddings.capacity import CapacityError
 
         user_errors += (TrainingError, CapacityError)
+    if args.command in ("export", "predict"):
+        from cdp_rec.serving.package import PackageError
+
+        user_errors += (PackageError,)
     try:
         return args.func(args)
     except user_errors as e:

@@ -1,24 +1,25 @@
 """Embedding capacity planning: does the model's tables fit, on how many GPUs, and how?
 
 ``cdp-rec plan`` answers this from the same config training uses, without allocating
-any table: the model is built on the meta device and handed to TorchRec's planner with
-the constraints, sharder and fused-optimizer parameters of
-:func:`embeddings.sharding.plan_sharding`. :func:`plan_embeddings` runs that planning
-and keeps what ``plan_sharding`` throws away (the planner's per-shard storage estimates
-and the capacity left after its reservation); a test checks the two plans are equal.
+any table: the model is built on the meta device and planned by
+:func:`embeddings.sharding.plan_with_estimates`, the function training's
+:func:`~embeddings.sharding.plan_sharding` is. The planner counts the sparse optimizer's
+state per shard (:mod:`embeddings.optimizer_state`), so its placement already leaves
+room for it: a plan that fits is a plan that runs.
 
-What the report adds to the planner's numbers, and why:
+What this module adds to the planner, and why:
 
-* **Optimizer state.** TorchRec's planner counts optimizer memory only for parameters
-  tagged by ``apply_optimizer_in_backward``; state configured through the sharder's
-  ``fused_params`` (our path) counts as 0 bytes. fbgemm keeps it in fp32: Adam 2 values
-  per element, exact Adagrad 1, rowwise Adagrad 1 per row, SGD none. It lives with the
-  weights (HBM for the fused kernel), except that UVM-cached tables keep non-rowwise
-  state in UVM (host DDR) and rowwise state on the device (fbgemm ``construct_split_state``).
-  Data-parallel tables (dense kernel) are updated by a torch Adam: 2 values per element
-  in the weights' dtype, on every replica.
-* **Fit.** A rank fits when planner estimate + optimizer state <= the capacity left
-  after the planner's reservation (15 % of HBM, 6x dense parameters, batch inputs).
+* **What-ifs** (:class:`WhatIf`): table rows, dims, dtype and the UVM caching kernel
+  changed on the meta model before planning.
+* **The report**: per table (weights, optimizer state, sharding, ranks) and per rank
+  the planner's estimate split into weights + buffers and optimizer state, plus the
+  raw-id mapping of hash / managed tables (``features.id_mapping``): a full replica on
+  every rank beside the dense layers, which the planner does not see.
+* **Fit**: the planner placed every shard within the capacity left after its reservation
+  (15 % of HBM, 6x dense parameters, batch inputs); a rank still fails when the id
+  mapping pushes it over.
+* **Diagnosis** of a plan that does not fit (which tables, how many bytes) and the
+  **smallest world size** that fits (:func:`find_min_world_size`).
 
 Units: bytes everywhere in the data; "GiB" (2**30 bytes) in text. ``--hbm-gb`` /
 ``--ddr-gb`` are in the same 2**30-byte units as :func:`embeddings.sharding.build_topology`.
@@ -39,61 +40,45 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.constants import BATCH_SIZE, UVM_CACHING_RATIO
-from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import PlannerError, ShardingOption, Storage, Topology
-from torchrec.distributed.types import CacheParams, EmbeddingModuleShardingPlan, ShardingPlan, ShardingType
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.planner.constants import UVM_CACHING_RATIO
+from torchrec.distributed.planner.types import Storage
+from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import DataType
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from cdp_rec.config import JobConfig
 from cdp_rec.models import build_model
+from embeddings.optimizer_state import (
+    CACHING as _CACHING,
+    DENSE as _DENSE,
+    describe_optimizer,
+    optimizer_bytes,
+    optimizer_in_hbm,
+    optimizer_name,
+    optimizer_storage,
+)
 from embeddings.sharding import (
     GB,
-    _CPU_HAND_PLANNED,
-    _hand_generator,
-    build_sharder,
+    NoPlacementError,
+    PlannedSharding,
+    TableLocation,
     build_topology,
     describe_plan,
-    find_ebc,
+    find_embedding_modules,
+    model_tables,
+    module_table_configs,
+    plan_with_estimates,
     sparse_optimizer_choice,
 )
-
-# TorchRec's default reservation (EmbeddingPlannerBase): 15 % of HBM kept back as margin.
-PLANNER_HBM_RESERVE = 0.15
 
 DTYPES: dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 
 # fbgemm stores an int8 row as dim bytes + fp32 scale and bias (INT8_EMB_ROW_DIM_OFFSET).
 INT8_ROW_OVERHEAD_BYTES = 8
 
-# fbgemm optimizer state, fp32: (values per element, values per row).
-_FUSED_STATE: dict[str, tuple[int, int]] = {
-    "adam": (2, 0),
-    "adagrad": (1, 0),
-    "rowwise_adagrad": (0, 1),
-    "sgd": (0, 0),
-}
-_OPTIMIZER_NAMES: dict[EmbOptimType, str] = {
-    EmbOptimType.ADAM: "adam",
-    EmbOptimType.EXACT_ADAGRAD: "adagrad",
-    EmbOptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad",
-    EmbOptimType.EXACT_SGD: "sgd",
-}
-_FP32_BYTES = 4
-
-_FUSED = EmbeddingComputeKernel.FUSED.value
-_CACHING = EmbeddingComputeKernel.FUSED_UVM_CACHING.value
-_DENSE = EmbeddingComputeKernel.DENSE.value
-
 
 class CapacityError(ValueError):
     """The plan does not fit, or a what-if names an unknown table / unsupported value."""
-
-
 # --------------------------------------------------------------------------- what-ifs
 
 
@@ -186,23 +171,33 @@ def _validate_what_if(what_if: WhatIf, cfg: JobConfig, tables: list[str]) -> Non
 def planning_model(cfg: JobConfig, what_if: WhatIf = WhatIf()) -> nn.Module:
     """The training model with its tables on the meta device, what-ifs applied.
 
-    Rows, dims and dtypes of the EBC's tables are rewritten by replacing the EBC with one
-    built from edited configs (the dense layers stay; the planner's reservation sizes them).
+    Rows, dims and dtypes of the tables are rewritten by replacing each embedding module
+    (EBC, and the sequence models' EC) with one built from edited configs (the dense
+    layers stay; the planner's reservation sizes them).
     """
     model = build_model(cfg, "meta")
-    path, ebc = find_ebc(model)
-    configs = ebc.embedding_bag_configs()
-    _validate_what_if(what_if, cfg, [c.name for c in configs])
+    _validate_what_if(what_if, cfg, sorted(model_tables(model)))
     if not (what_if.scale_rows or what_if.dims or what_if.dtype):
         return model
-    edited = [_edit_table(c, what_if) for c in configs]
-    new = EmbeddingBagCollection(tables=edited, is_weighted=ebc.is_weighted(), device=torch.device("meta"))
-    parent_path, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), attr, new)
+    for path, module in find_embedding_modules(model):
+        edited = [_edit_table(c, what_if) for c in module_table_configs(module)]
+        if isinstance(module, EmbeddingBagCollection):
+            new: nn.Module = EmbeddingBagCollection(tables=edited, is_weighted=module.is_weighted(),
+                                                    device=torch.device("meta"))
+        else:
+            dims = {c.name: c.embedding_dim for c in edited}
+            if len(set(dims.values())) > 1:
+                raise CapacityError(
+                    f"--dim: tables {sorted(dims)} of model {cfg.model.name!r} share one EmbeddingCollection, "
+                    f"whose tables have one dim (TorchRec); give them the same --dim (got {dims})"
+                )
+            new = EmbeddingCollection(tables=edited, device=torch.device("meta"))
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, new)
     return model
 
 
-def _edit_table(c: EmbeddingBagConfig, what_if: WhatIf) -> EmbeddingBagConfig:
+def _edit_table(c: Any, what_if: WhatIf) -> Any:
     rows = max(1, round(c.num_embeddings * what_if.scale_rows.get(c.name, 1.0)))
     return dataclasses.replace(
         c,
@@ -210,29 +205,6 @@ def _edit_table(c: EmbeddingBagConfig, what_if: WhatIf) -> EmbeddingBagConfig:
         embedding_dim=what_if.dims.get(c.name, c.embedding_dim),
         data_type=DTYPES[what_if.dtype] if what_if.dtype else c.data_type,
     )
-
-
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass
-class PlanningResult:
-    """What :func:`plan_embeddings` knows beyond the ShardingPlan.
-
-    Attributes:
-        plan: the ShardingPlan (equal to ``plan_sharding``'s for the same inputs).
-        options: the planner's chosen sharding options, per table, with per-shard
-            ``storage`` estimates in bytes (for hand-planned tables: the placeholder).
-        hand_planned: table -> sharding type replaced by hand after planning (CPU row-wise).
-        capacity: per-device bytes of the topology (HBM is 0 on CPU).
-        available: per-device bytes left to the tables after the reservation.
-    """
-
-    plan: ShardingPlan
-    options: dict[str, ShardingOption]
-    hand_planned: dict[str, str]
-    capacity: Storage
-    available: Storage
 
 
 @contextlib.contextmanager
@@ -253,83 +225,6 @@ def quiet_planner() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def plan_embeddings(
-    cfg: JobConfig,
-    model: nn.Module,
-    world_size: int,
-    local_world_size: int,
-    device_type: str,
-    hbm_gb: float | None = None,
-    ddr_gb: float | None = None,
-    caching: bool = False,
-    cache_load_factor: float = UVM_CACHING_RATIO,
-) -> PlanningResult:
-    """``plan_sharding`` plus the planner's storage view; ``caching`` swaps the kernel.
-
-    Mirrors :func:`embeddings.sharding.plan_sharding` line for line (same constraints,
-    topology, sharder and hand-built CPU row-wise); with ``caching`` the model-parallel
-    tables are constrained to ``fused_uvm_caching`` instead of ``fused``.
-
-    Raises:
-        PlannerError: from TorchRec when no placement fits.
-    """
-    s = cfg.sharding
-    path, ebc = find_ebc(model)
-    tables = {t.name: t for t in ebc.embedding_bag_configs()}
-    unknown = sorted(set(s.constraints) - set(tables))
-    if unknown:
-        raise ValueError(f"sharding.constraints names unknown tables {unknown}; tables are {sorted(tables)}")
-    choice = sparse_optimizer_choice(s, device_type)
-    hand = {t: k for t, k in s.constraints.items() if device_type == "cpu" and k in _CPU_HAND_PLANNED}
-    model_parallel_kernel = _CACHING if caching else choice.compute_kernel
-    constraints = {}
-    for name in tables:
-        kind = s.constraints.get(name)
-        if name in hand:
-            kind = ShardingType.TABLE_WISE.value  # placeholder, replaced below
-        kernels = [model_parallel_kernel]
-        if kind == ShardingType.DATA_PARALLEL.value:
-            kernels = [_DENSE]
-        constraints[name] = ParameterConstraints(
-            sharding_types=[kind] if kind else None,
-            compute_kernels=kernels,
-            cache_params=CacheParams(load_factor=cache_load_factor) if caching else None,
-        )
-    with quiet_planner():
-        topology = build_topology(
-            world_size, local_world_size, device_type,
-            s.hbm_gb if hbm_gb is None else hbm_gb, s.ddr_gb if ddr_gb is None else ddr_gb,
-        )
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        sharder = build_sharder(cfg, device_type)
-        sharders = [sharder]  # type: ignore[list-item]
-        available = _capacity_after_reservation(topology, model, sharders, constraints)
-        plan = planner.plan(model, sharders)
-    if hand:
-        # Same replacement as plan_sharding (its error for a non-fused kernel is unreachable
-        # here: hand-planned tables only exist on CPU, where the kernel is always fused).
-        params = sharder.shardable_parameters(ebc)
-        module_plan = plan.plan[path]
-        assert isinstance(module_plan, EmbeddingModuleShardingPlan)
-        for t, kind in hand.items():
-            module_plan[t] = _hand_generator(kind, _FUSED)(params[t], local_world_size, world_size, device_type, sharder)
-    options = {so.name: so for so in (planner._best_plan or [])}  # noqa: SLF001 - the estimates live only here
-    return PlanningResult(plan, options, hand, topology.devices[0].storage, available)
-
-
-def _capacity_after_reservation(
-    topology: Topology, model: nn.Module, sharders: list[Any], constraints: dict[str, ParameterConstraints]
-) -> Storage:
-    """Per-device bytes left to the tables by the planner's default reservation policy
-    (same class, percentage and batch size as the planner builds when given none)."""
-    reservation = HeuristicalStorageReservation(percentage=PLANNER_HBM_RESERVE)
-    try:
-        return reservation.reserve(topology, BATCH_SIZE, model, sharders, constraints).devices[0].storage
-    except PlannerError:
-        # The reservation alone exceeds HBM; the planner raises the same error right after.
-        return Storage(hbm=0, ddr=topology.devices[0].storage.ddr, ssd=0)
-
-
 # --------------------------------------------------------------------------- bytes
 
 
@@ -340,36 +235,9 @@ def row_bytes(dim: int, dtype: str) -> int:
     return dim * (2 if dtype == "fp16" else 4)
 
 
-def optimizer_bytes(rows: int, dim: int, optimizer: str, kernel: str, dtype: str) -> int:
-    """Optimizer state of a ``rows x dim`` shard.
-
-    Args:
-        optimizer: the fused optimizer name (``adam``, ``rowwise_adagrad``, ...).
-        kernel: dense-kernel tables get torch Adam (2 values per element, weights' dtype).
-    """
-    if kernel == _DENSE:
-        return 2 * rows * dim * (4 if dtype == "fp32" else 2)
-    per_elem, per_row = _FUSED_STATE[optimizer]
-    return (per_elem * rows * dim + per_row * rows) * _FP32_BYTES
-
-
-def optimizer_in_hbm(kernel: str, optimizer: str, device_type: str) -> bool:
-    """Where fbgemm puts optimizer state: with the weights, but UVM-cached tables keep
-    non-rowwise state in UVM (host) and rowwise state on the device."""
-    if device_type != "cuda":
-        return False
-    if kernel == _CACHING:
-        return optimizer == "rowwise_adagrad"
-    return True
-
-
-def describe_optimizer(optimizer: str) -> str:
-    return {
-        "adam": "adam: 2 fp32 values per element",
-        "adagrad": "adagrad: 1 fp32 value per element",
-        "rowwise_adagrad": "rowwise_adagrad: 1 fp32 value per row",
-        "sgd": "sgd: no state",
-    }[optimizer]
+def _weight_width(dtype: str) -> int:
+    """Bytes per value of the weights' dtype, for a data-parallel table's torch Adam."""
+    return 4 if dtype == "fp32" else 2
 
 
 # --------------------------------------------------------------------------- report
@@ -398,9 +266,10 @@ class TableUsage:
 
 @dataclass(frozen=True)
 class RankUsage:
-    """One device. ``planner_*``: TorchRec's estimate (weights, UVM cache, input/output
-    buffers); ``optimizer_*``: optimizer state it does not count; ``mapping_*``: the raw-id
-    mapping state of hash / managed tables, replicated on every rank. Bytes."""
+    """One device, bytes. TorchRec's estimate split in two: ``planner_*`` its weights, UVM
+    cache and input/output buffers, ``optimizer_*`` the optimizer state it counts with them
+    (:mod:`embeddings.optimizer_state`); ``mapping_*``: the raw-id mapping state of hash /
+    managed tables, replicated on every rank, which the planner does not see."""
 
     rank: int
     planner_hbm: int
@@ -440,7 +309,7 @@ class CapacityReport:
     seconds: float
 
     def over_capacity(self) -> list[RankUsage]:
-        """Ranks whose planner estimate + optimizer state exceeds the available bytes."""
+        """Ranks whose planner estimate + id mapping exceeds the available bytes."""
         return [r for r in self.ranks if r.hbm > self.hbm_available or r.ddr > self.ddr_available]
 
     def fits(self) -> bool:
@@ -472,7 +341,7 @@ class CapacityReport:
                 "ddr_available_bytes": self.ddr_available,
             },
             "sparse_optimizer": self.sparse_optimizer,
-            "optimizer_counted_by_planner": False,
+            "optimizer_counted_by_planner": True,
             "what_if": self.what_if.to_dict(),
             "tables": [dataclasses.asdict(t) for t in self.tables],
             "ranks": [
@@ -487,33 +356,33 @@ class CapacityReport:
 def build_report(
     cfg: JobConfig,
     model: nn.Module,
-    result: PlanningResult,
+    planned: PlannedSharding,
     world_size: int,
     local_world_size: int,
     what_if: WhatIf,
     seconds: float,
     config_name: str,
 ) -> CapacityReport:
-    """Combine the plan, the planner's estimates and the explicit optimizer state."""
+    """Tables and ranks of the plan, from the planner's per-shard estimates."""
     device_type = cfg.sharding.compute_device
-    optimizer = _OPTIMIZER_NAMES[sparse_optimizer_choice(cfg.sharding, device_type).fused_optimizer]
+    optimizer = optimizer_name(sparse_optimizer_choice(cfg.sharding, device_type).fused_optimizer)
     dtype = what_if.dtype or "fp32"
-    _, ebc = find_ebc(model)
-    configs = {c.name: c for c in ebc.embedding_bag_configs()}
+    locations = model_tables(model)
     tables: list[TableUsage] = []
     ranks: dict[int, dict[str, Any]] = {
         r: {"planner_hbm": 0, "planner_ddr": 0, "optimizer_hbm": 0, "optimizer_ddr": 0, "tables": [],
             "mapping_hbm": 0, "mapping_ddr": 0}
         for r in range(world_size)
     }
-    for row in describe_plan(result.plan):
-        c = configs[row["table"]]
+    for row in describe_plan(planned.plan):
+        c = locations[row["table"]].config
         kernel = row["compute_kernel"]
         tables.append(
             TableUsage(
                 name=c.name, rows=c.num_embeddings, dim=c.embedding_dim, dtype=dtype,
                 param_bytes=c.num_embeddings * row_bytes(c.embedding_dim, dtype),
-                optimizer_bytes=optimizer_bytes(c.num_embeddings, c.embedding_dim, optimizer, kernel, dtype),
+                optimizer_bytes=optimizer_bytes(c.num_embeddings, c.embedding_dim, optimizer, kernel,
+                                                _weight_width(dtype)),
                 sharding_type=row["sharding_type"], compute_kernel=kernel, ranks=sorted(row["ranks"]),
             )
         )
@@ -524,26 +393,26 @@ def build_report(
                                              mapping_state_bytes=persistent)
             for r in ranks.values():  # a full replica of the mapping on every rank, beside the dense layers
                 r["mapping_hbm" if device_type == "cuda" else "mapping_ddr"] += total
-        in_hbm = optimizer_in_hbm(kernel, optimizer, device_type)
-        for rank, (rows, cols), storage in _shards(row, c, result):
+        for rank, (rows, cols), storage in _shards(row, locations[row["table"]], planned):
+            # The same per-shard state the planner's estimator added (embeddings.optimizer_state).
+            state = optimizer_storage(rows, cols, optimizer, kernel, device_type, _weight_width(dtype))
             r = ranks[rank]
-            r["planner_hbm"] += storage.hbm
-            r["planner_ddr"] += storage.ddr
-            r["optimizer_hbm" if in_hbm else "optimizer_ddr"] += optimizer_bytes(rows, cols, optimizer, kernel, dtype)
+            r["planner_hbm"] += storage.hbm - state.hbm
+            r["planner_ddr"] += storage.ddr - state.ddr
+            r["optimizer_hbm"] += state.hbm
+            r["optimizer_ddr"] += state.ddr
             if c.name not in r["tables"]:
                 r["tables"].append(c.name)
     return CapacityReport(
         config=config_name, model=cfg.model.name, world_size=world_size, local_world_size=local_world_size,
-        compute_device=device_type, hbm_capacity=result.capacity.hbm, ddr_capacity=result.capacity.ddr,
-        hbm_available=result.available.hbm, ddr_available=result.available.ddr,
+        compute_device=device_type, hbm_capacity=planned.capacity.hbm, ddr_capacity=planned.capacity.ddr,
+        hbm_available=planned.available.hbm, ddr_available=planned.available.ddr,
         sparse_optimizer=optimizer, what_if=what_if, tables=tables,
         ranks=[RankUsage(rank=k, **v) for k, v in sorted(ranks.items())], seconds=seconds,
     )
 
 
-def _mapping_usage(
-    cfg: JobConfig, model: nn.Module, c: EmbeddingBagConfig, world_size: int
-) -> tuple[str, int, int] | None:
+def _mapping_usage(cfg: JobConfig, model: nn.Module, c: Any, world_size: int) -> tuple[str, int, int] | None:
     """(mapping, bytes per rank, of which persistent) of a hash / managed table; None if dense.
 
     The history bound assumes every sequence feature of the table full (``max_seq_len``)
@@ -564,22 +433,31 @@ def _mapping_usage(
     return kind, persistent + history_bytes(kind, ids, cfg.features.zch), persistent
 
 
+def shard_estimates(planned: PlannedSharding, model: nn.Module) -> Iterator[tuple[str, int, tuple[int, int], Storage]]:
+    """(table, rank, (rows, cols), the planner's storage estimate) for every shard of the plan."""
+    locations = model_tables(model)
+    for row in describe_plan(planned.plan):
+        for rank, size, storage in _shards(row, locations[row["table"]], planned):
+            yield row["table"], rank, size, storage
+
+
 def _shards(
-    row: dict[str, Any], c: EmbeddingBagConfig, result: PlanningResult
+    row: dict[str, Any], loc: TableLocation, planned: PlannedSharding
 ) -> Iterator[tuple[int, tuple[int, int], Storage]]:
     """(rank, (rows, cols), planner storage) for every shard of one table.
 
     Hand-planned (CPU row-wise) tables were planned as a table-wise placeholder: their
-    estimate is spread over the real shards in proportion to shard size.
+    estimate is spread over the real shards in proportion to shard size (weights and
+    optimizer state are proportional to it; the input/output buffers are not, a few KiB).
     """
-    option = result.options[c.name]
-    if row["table"] not in result.hand_planned:
+    option = planned.options[row["table"]]
+    if row["table"] not in planned.hand_planned:
         for shard in option.shards:
             assert shard.rank is not None
             yield shard.rank, (shard.size[0], shard.size[1]), shard.storage or Storage(0, 0, 0)
         return
     whole = sum((sh.storage for sh in option.shards if sh.storage), Storage(0, 0, 0))
-    numel = c.num_embeddings * c.embedding_dim
+    numel = loc.config.num_embeddings * loc.config.embedding_dim
     for sh in row["shards"]:
         rows, cols = sh["sizes"]
         frac = rows * cols / numel
@@ -612,16 +490,17 @@ def plan_capacity(
     device_type = cfg.sharding.compute_device
     start = time.perf_counter()
     try:
-        result = plan_embeddings(
-            cfg, model, world_size, local_world_size, device_type, hbm_gb, ddr_gb,
-            what_if.caching, what_if.cache_load_factor,
-        )
-    except PlannerError as e:
+        with quiet_planner():
+            planned = plan_with_estimates(
+                cfg, model, world_size, local_world_size, device_type, hbm_gb=hbm_gb, ddr_gb=ddr_gb,
+                caching=what_if.caching, cache_load_factor=what_if.cache_load_factor,
+            )
+    except NoPlacementError as e:
         raise CapacityError(
             _diagnose_no_plan(cfg, model, world_size, local_world_size, hbm_gb, ddr_gb, what_if, e)
         ) from None
     report = build_report(
-        cfg, model, result, world_size, local_world_size, what_if, time.perf_counter() - start, config_name
+        cfg, model, planned, world_size, local_world_size, what_if, time.perf_counter() - start, config_name
     )
     if not report.fits():
         raise CapacityError(_diagnose_over_capacity(report))
@@ -697,13 +576,11 @@ def find_min_world_size(
 # --------------------------------------------------------------------------- diagnosis
 
 
-def _table_need(
-    c: EmbeddingBagConfig, optimizer: str, kernel: str, device_type: str, what_if: WhatIf
-) -> Storage:
+def _table_need(c: Any, optimizer: str, kernel: str, device_type: str, what_if: WhatIf) -> Storage:
     """Bytes a whole table needs in each tier (weights, UVM cache and optimizer state)."""
     dtype = what_if.dtype or "fp32"
     params = c.num_embeddings * row_bytes(c.embedding_dim, dtype)
-    state = optimizer_bytes(c.num_embeddings, c.embedding_dim, optimizer, kernel, dtype)
+    state = optimizer_bytes(c.num_embeddings, c.embedding_dim, optimizer, kernel, _weight_width(dtype))
     if device_type != "cuda":
         return Storage(hbm=0, ddr=params + state, ssd=0)
     state_hbm = state if optimizer_in_hbm(kernel, optimizer, device_type) else 0
@@ -729,19 +606,16 @@ def _diagnose_no_plan(
     hbm_gb: float,
     ddr_gb: float,
     what_if: WhatIf,
-    error: PlannerError,
+    error: NoPlacementError,
 ) -> str:
     """Name the tables that do not fit: first any that cannot fit its devices even alone,
     else the largest tables against the cluster's total, else the planner's own reason."""
     device_type = cfg.sharding.compute_device
     choice = sparse_optimizer_choice(cfg.sharding, device_type)
-    optimizer = _OPTIMIZER_NAMES[choice.fused_optimizer]
+    optimizer = optimizer_name(choice.fused_optimizer)
     kernel = _CACHING if what_if.caching else choice.compute_kernel
-    _, ebc = find_ebc(model)
-    with quiet_planner():
-        topology = build_topology(world_size, local_world_size, device_type, hbm_gb, ddr_gb)
-        sharders = [build_sharder(cfg, device_type)]
-        available = _capacity_after_reservation(topology, model, sharders, {})  # type: ignore[arg-type]
+    topology = build_topology(world_size, local_world_size, device_type, hbm_gb, ddr_gb)
+    available = error.available
     left = [f"{_gib(available.ddr)} DDR (of {ddr_gb:g} GiB)"]
     if topology.devices[0].storage.hbm:  # CPU topologies have no HBM
         left.insert(0, f"{_gib(available.hbm)} HBM (of {hbm_gb:g} GiB)")
@@ -751,7 +625,8 @@ def _diagnose_no_plan(
     )
     needs: dict[str, Storage] = {}
     alone: list[str] = []
-    for c in ebc.embedding_bag_configs():
+    for loc in model_tables(model).values():
+        c = loc.config
         kind = cfg.sharding.constraints.get(c.name)
         k = _DENSE if kind == ShardingType.DATA_PARALLEL.value else kernel
         need = needs[c.name] = _table_need(c, optimizer, k, device_type, what_if)
@@ -784,30 +659,27 @@ def _diagnose_no_plan(
 
 
 def _diagnose_over_capacity(report: CapacityReport) -> str:
-    """The planner placed the tables, but with optimizer state some ranks overflow."""
+    """The planner placed the tables (with their optimizer state), but the raw-id mapping it
+    does not see pushes some ranks over."""
     over = report.over_capacity()
     worst = max(over, key=lambda r: max(r.hbm / max(report.hbm_available, 1), r.ddr / max(report.ddr_available, 1)))
     tier = "HBM" if worst.hbm > report.hbm_available else "DDR"
-    planner, state, have = (
-        (worst.planner_hbm, worst.optimizer_hbm, report.hbm_available)
+    planner, state, ids, have = (
+        (worst.planner_hbm, worst.optimizer_hbm, worst.mapping_hbm, report.hbm_available)
         if tier == "HBM"
-        else (worst.planner_ddr, worst.optimizer_ddr, report.ddr_available)
+        else (worst.planner_ddr, worst.optimizer_ddr, worst.mapping_ddr, report.ddr_available)
     )
     sizes = {t.name: t.param_bytes + t.optimizer_bytes for t in report.tables}
     mine = sorted(worst.tables, key=lambda t: -sizes[t])
     # Name the tables that matter: a 24-row context table is not why a rank overflows.
     names = ", ".join(f"{t} ({_gib(sizes[t])} with state)" for t in mine if sizes[t] >= 0.01 * sizes[mine[0]])
-    ids = worst.mapping_hbm if tier == "HBM" else worst.mapping_ddr
-    mapped = ""
-    if ids:
-        per = ", ".join(f"{t.name} {t.id_mapping} {_gib(t.mapping_bytes)}" for t in report.tables if t.mapping_bytes)
-        mapped = (f" + raw-id mapping {_gib(ids)} on every rank ({per}; lower features.zch.eviction_interval or the "
-                  f"table rows, or make tables hash)")
+    per = ", ".join(f"{t.name} {t.id_mapping} {_gib(t.mapping_bytes)}" for t in report.tables if t.mapping_bytes)
     return (
         f"does not fit on {report.world_size} x {report.compute_device}: {len(over)} of {report.world_size} ranks "
-        f"over capacity; rank {worst.rank} needs {_gib(planner + state + ids)} {tier} (planner {_gib(planner)} + "
-        f"{report.sparse_optimizer} state {_gib(state)}, which TorchRec's planner does not count{mapped}), "
-        f"has {_gib(have)} available; its tables: {names}"
+        f"over capacity; rank {worst.rank} needs {_gib(planner + state + ids)} {tier} (planner {_gib(planner + state)}"
+        f", of which {report.sparse_optimizer} state {_gib(state)}, + raw-id mapping {_gib(ids)} on every rank, "
+        f"which the planner does not see: {per}; lower features.zch.eviction_interval or the table rows, or make "
+        f"tables hash), has {_gib(have)} available; its tables: {names}"
     )
 
 
@@ -866,8 +738,8 @@ def format_report(report: CapacityReport, steps: list[SearchStep] | None = None)
         f"{hosts} host{'s' * (hosts != 1)} x {r.local_world_size}",
         "per device: " + ", ".join(mem) + "; 'left' = after the planner's reservation "
         "(15% of HBM, dense layers, batch inputs)",
-        f"sparse optimizer state: {describe_optimizer(r.sparse_optimizer)}; TorchRec's planner does not count it, "
-        f"the 'optim' columns add it",
+        f"sparse optimizer state: {describe_optimizer(r.sparse_optimizer)}; the planner counts it per shard "
+        f"and places around it: 'weights' (weights, cache, I/O buffers) + 'optim' is its estimate",
     ]
     if r.what_if.describe():
         out.append("what-if: " + ", ".join(r.what_if.describe()))
@@ -936,7 +808,8 @@ def _table_lines(r: CapacityReport, u: Unit) -> str:
 
 
 def _rank_lines(r: CapacityReport, u: Unit, hbm: bool) -> str:
-    """Per rank: planner estimate + optimizer state = used, and used as % of what is left."""
+    """Per rank: the planner's estimate (weights + optimizer state) [+ id mapping] = used, and used
+    as % of what is left."""
     tiers = [("HBM", r.hbm_available)] if hbm else []
     tiers.append(("DDR", r.ddr_available))
     width = 40
@@ -946,7 +819,7 @@ def _rank_lines(r: CapacityReport, u: Unit, hbm: bool) -> str:
     if ids:  # hash / managed tables: their mapping is a third term
         cell, width = "{:>9} + {:>8} + {:>8} = {:>8} {:>5}", 51
         head = "".join(f"{f'   {name} {u.name} (of {_gib(left)} left)':<{width}}" for name, left in tiers)
-    sub = "".join(f"{cell.format('planner', 'optim', *(['ids'] if ids else []), 'used', 'use'):<{width}}"
+    sub = "".join(f"{cell.format('weights', 'optim', *(['ids'] if ids else []), 'used', 'use'):<{width}}"
                   for _ in tiers)
     lines = [f"{'':<12}{head}", f"{'ranks':<12}{sub}tables"]
     groups: list[tuple[list[int], str]] = []

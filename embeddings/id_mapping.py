@@ -15,7 +15,9 @@
   every ``features.zch.eviction_interval`` training steps; when the table is full the
   lowest-scored ids of ``features.zch.eviction_policy`` give up their rows to new ones,
   and ``features.zch.ttl_steps`` frees the rows of ids unseen for that many steps.
-  Evaluation never changes the mapping.
+  Evaluation never changes the mapping. :class:`ManagedTable` computes exactly what
+  TorchRec's module does (:class:`ReferenceManagedTable`) with a hash index beside the
+  sorted array (:mod:`embeddings.id_index`) and cheaper rounds.
 
 Where the mapping runs: :func:`attach_id_mapping` (called by ``build_model``) adds an
 :class:`IdMapper` to the model and wraps its ``prepare_batch``: the model's own data-side
@@ -46,7 +48,8 @@ A row an id is admitted into (a never-used row or one freed by eviction) is rese
 the id uses it: weights to :func:`row_init` (the table's deterministic initial value for
 that row: uniform in ±sqrt(1/N), from a hash of the table name, row and column), and
 its optimizer state to zero when the optimizer is known (:func:`attach_optimizer`). A
-returning id therefore starts from that fresh value, not from what it had learned.
+returning id therefore starts from that fresh value, not from what it had learned. The
+trainer defers each batch's resets to right before its forward (:class:`IdMapper`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +75,10 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from embeddings.id_index import EMPTY, IdIndex
+
 INT64_MAX = 2**63 - 1
-EMPTY = INT64_MAX  # TorchRec's marker of an empty managed slot; refused as a raw id
+assert EMPTY == INT64_MAX  # TorchRec's marker of an empty managed slot; refused as a raw id
 
 
 # --------------------------------------------------------------------------- hashing
@@ -144,17 +150,63 @@ def row_init(table: str, rows: torch.Tensor, dim: int, num_rows: int,
 # --------------------------------------------------------------------------- managed
 
 
-def eviction_policy(name: str, decay_exponent: float = 1.0) -> MCHEvictionPolicy:
+class _KthSelect:
+    """TorchRec's choice of evicted and admitted ids, without sorting every score.
+
+    TorchRec argsorts all ``pivot + m`` scores (the table's and the ``m`` new ids') every
+    round, descending and stable, and keeps the top ``pivot``. Only the bottom ``m`` matter:
+    they are the ``m`` smallest under (score ascending, index descending), found with one
+    ``kthvalue`` and a tie cut. The two outputs are then put in TorchRec's order (score
+    descending, index ascending) by sorting those few; the k-th evicted slot receives the
+    k-th selected id, so the order is part of the result. Equal to TorchRec's bit for bit
+    (``tests/test_id_mapping.py``).
+    """
+
+    def _compute_selected_eviction_and_replacement_indices(
+        self, pivot: int, eviction_scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = eviction_scores.numel() - pivot
+        if m <= 0:
+            empty = torch.empty(0, dtype=torch.int64, device=eviction_scores.device)
+            return empty, empty
+        v = torch.kthvalue(eviction_scores, m).values
+        bottom = eviction_scores < v
+        ties = (eviction_scores == v).nonzero().squeeze(1)
+        bottom[ties[ties.numel() - (m - int(bottom.sum())):]] = True  # ties: the largest indices sort last
+        index = torch.arange(eviction_scores.numel(), device=eviction_scores.device)
+        evicted = index[:pivot][bottom[:pivot]]
+        selected = index[pivot:][~bottom[pivot:]]
+
+        def ordered(i: torch.Tensor) -> torch.Tensor:  # (score desc, index asc): i is ascending
+            return i[torch.argsort(eviction_scores[i], descending=True, stable=True)]
+
+        return ordered(evicted), ordered(selected) - pivot
+
+
+class FastDistanceLFU(_KthSelect, DistanceLFU_EvictionPolicy):
+    pass
+
+
+class FastLRU(_KthSelect, LRU_EvictionPolicy):
+    pass
+
+
+class FastLFU(_KthSelect, LFU_EvictionPolicy):
+    pass
+
+
+def eviction_policy(name: str, decay_exponent: float = 1.0, fast: bool = True) -> MCHEvictionPolicy:
+    """TorchRec's policy ``name``; ``fast``: the same policy with :class:`_KthSelect`."""
     if name == "distance_lfu":
-        return DistanceLFU_EvictionPolicy(decay_exponent=decay_exponent)
+        return (FastDistanceLFU if fast else DistanceLFU_EvictionPolicy)(decay_exponent=decay_exponent)
     if name == "lru":
-        return LRU_EvictionPolicy(decay_exponent=decay_exponent)
+        return (FastLRU if fast else LRU_EvictionPolicy)(decay_exponent=decay_exponent)
     if name == "lfu":
-        return LFU_EvictionPolicy()
+        return (FastLFU if fast else LFU_EvictionPolicy)()
     raise ValueError(f"unknown eviction policy {name!r}")
 
 
-class ManagedTable(MCHManagedCollisionModule):
+class ReferenceManagedTable(MCHManagedCollisionModule):
     """TorchRec's ``MCHManagedCollisionModule`` with four changes (torchrec 1.8):
 
     * the history buffer grows when a step brings more ids than it has room for (the
@@ -169,7 +221,8 @@ class ManagedTable(MCHManagedCollisionModule):
       expired (freed by the TTL) ids, for the per-day report.
 
     A table of ``zch_size`` rows holds at most ``zch_size - 1`` ids; row ``zch_size - 1``
-    is the shared row of ids without one.
+    is the shared row of ids without one. Training uses :class:`ManagedTable`, the same
+    mapping computed faster; this class is its reference (parity tests).
     """
 
     def __init__(self, name: str, zch_size: int, policy: MCHEvictionPolicy, eviction_interval: int,
@@ -182,7 +235,7 @@ class ManagedTable(MCHManagedCollisionModule):
 
     # ------------------------------------------------------------------ state
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "ManagedTable":
+    def _apply(self, fn: Any, recurse: bool = True) -> "ReferenceManagedTable":
         # ``.to()`` / ``to_empty()`` replace the buffers; the policy's metadata dicts (and the
         # segment tensor validate_state restores) must follow, or they point at stale tensors.
         out = super()._apply(fn, recurse)
@@ -319,6 +372,311 @@ class ManagedTable(MCHManagedCollisionModule):
         return self._mch_sorted_raw_ids[:n].clone(), self._mch_remapped_ids_mapping[:n].clone()
 
 
+class ManagedTable(ReferenceManagedTable):
+    """:class:`ReferenceManagedTable`'s mapping, state and rounds, computed faster.
+
+    The state (sorted ids, rows, policy metadata, counters) and every result (rows, admitted
+    and evicted ids, the rows handed out, in which order) are those of the reference; what
+    changes is how they are computed (bench/id_mapping.py has the costs):
+
+    * **lookups** go through an :class:`~embeddings.id_index.IdIndex` (a hash index of the
+      held ids beside the sorted array, updated at each round, rebuilt whenever the buffers
+      changed behind its back: a checkpoint load, ``.to()``, ``init_state``) instead of a
+      binary search per id;
+    * **recording** a step: an id the table holds adds 1 to its row's count for the
+      interval (and stamps the step: ``last`` below); only the others (misses) go to the
+      history buffer. A round therefore sorts the misses' ids, not every id of the
+      interval, and gives the policy the held ids' counts directly. Exact because the table
+      only changes in rounds: between two rounds an id is a hit at every step or at none;
+    * the round's **re-sort** merges the admitted ids into the kept ones (kept ones are still
+      in order) instead of argsorting the whole table: the same permutation as the stable
+      sort, since admitted ids are distinct and tie with nothing;
+    * the policy's **selection** is :class:`_KthSelect` when built by :func:`eviction_policy`;
+    * :meth:`record_and_remap` maps a training step with the lookup its recording already
+      did, looking up again only ids whose row the round changed.
+    """
+
+    def __init__(self, name: str, zch_size: int, policy: MCHEvictionPolicy, eviction_interval: int,
+                 ttl_steps: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__(name, zch_size, policy, eviction_interval, ttl_steps, device)
+        history = {m.metadata_name for m in policy.metadata_info if m.is_history_metadata}
+        if not history <= {"last_access_iter"}:
+            raise ValueError(f"table {name!r}: eviction policy {type(policy).__name__} records history metadata "
+                             f"{sorted(history)}; ManagedTable knows only last_access_iter")
+        self._track_last = bool(history)
+        self._index: IdIndex | None = None
+        self._index_key: tuple[int, ...] = ()
+        self._hits: torch.Tensor | None = None  # [zch] times each row's id was seen this interval
+        self._hit_last: torch.Tensor | None = None  # [zch] last step a row's id was seen (interval > 1)
+        self._hit_before: torch.Tensor | None = None  # [zch] scratch: counts before this step's ids
+        self._recorded = False  # ids recorded since the last round
+        self._handed: list[torch.Tensor] = []  # rows handed out (to be reset) in this round
+
+    # ------------------------------------------------------------------ state
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ManagedTable":
+        out = super()._apply(fn, recurse)
+        self._index = None
+        for name in ("_hits", "_hit_last", "_hit_before"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(self._device))
+        return out
+
+    def init_state(self) -> None:
+        super().init_state()
+        self._index, self._hits, self._hit_last, self._recorded = None, None, None, False
+
+    @property
+    def _miss_row(self) -> int:
+        return self._output_global_offset + self._zch_size - 1
+
+    def _buffers_key(self) -> tuple[int, ...]:
+        ids, rows = self._mch_sorted_raw_ids, self._mch_remapped_ids_mapping
+        return ids.data_ptr(), ids._version, rows.data_ptr(), rows._version
+
+    def _synced_index(self) -> IdIndex | None:
+        """The index, if it still matches the buffers (else None: it is rebuilt on next use)."""
+        return self._index if self._index is not None and self._index_key == self._buffers_key() else None
+
+    def _lookup_index(self) -> IdIndex:
+        index = self._synced_index()
+        if index is None:
+            if self._output_global_offset:
+                raise NotImplementedError("ManagedTable: a row range not starting at 0 (TorchRec's sharded MC "
+                                          "modules) is not supported")
+            index = self._index
+            if index is None or index.device != self._device:
+                index = IdIndex(self._zch_size - 1, self._miss_row, self._device)
+            index.clear()
+            n = self.occupied()
+            # Most-seen (or most recent) ids first: they get their home slot, one gather away.
+            meta = self._mch_metadata
+            priority = (meta["counts"] if "counts" in meta else meta["last_access_iter"])[:n]
+            order = torch.argsort(priority, descending=True, stable=True)
+            index.insert(self._mch_sorted_raw_ids[:n][order], self._mch_remapped_ids_mapping[:n][order])
+            self._index, self._index_key = index, self._buffers_key()
+        return index
+
+    def _sorted_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` by binary search in the sorted array (the reference; the index's fallback)."""
+        pos = torch.searchsorted(self._mch_sorted_raw_ids[:-1], ids)
+        hit = self._mch_sorted_raw_ids[pos] == ids
+        return torch.where(hit, self._mch_remapped_ids_mapping[pos], self._miss_row)
+
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of each raw id ``[n]`` (the shared row for ids the table does not hold)."""
+        return self._lookup_index().lookup(ids, self._sorted_rows)
+
+    def remap(self, features: dict[str, JaggedTensor], mutate_miss_lengths: bool = True,  # type: ignore[override]
+              write_weights: torch.Tensor | None = None) -> dict[str, JaggedTensor]:
+        return {name: JaggedTensor(values=self.lookup(f.values()), lengths=f.lengths(), offsets=f.offsets(),
+                                   weights=f.weights_or_none()) for name, f in features.items()}
+
+    # ------------------------------------------------------------------ recording
+
+    def _tick(self) -> None:
+        if self._current_iter == -1:
+            self._current_iter = int(self._current_iter_tensor.item())
+        self._current_iter += 1
+        self._current_iter_tensor.data += 1
+
+    @torch.no_grad()
+    def _record(self, ids: torch.Tensor) -> torch.Tensor:
+        """Record one feature's ids of this step; returns their rows ``[n]`` before any round."""
+        rows = self.lookup(ids)
+        if not ids.numel():
+            return rows
+        self._recorded = True
+        if self._hits is None:
+            self._hits = torch.zeros(self._zch_size, dtype=torch.int64, device=self._device)
+        one = torch.ones(1, dtype=torch.int64, device=self._device).expand(rows.numel())
+        if self._track_last and self._eviction_interval > 1:
+            if self._hit_last is None:
+                self._hit_last = torch.zeros_like(self._hits)
+            if rows.numel() >= self._zch_size:
+                # Which rows this step hit, from the counts' change: 3 passes over the table
+                # instead of a second scatter of every id (the step's ids outnumber the rows).
+                self._hit_before = before = (self._hit_before if self._hit_before is not None
+                                             else torch.empty_like(self._hits)).copy_(self._hits)
+                self._hits.index_add_(0, rows, one)
+                self._hit_last.masked_fill_(self._hits != before, self._current_iter)
+            else:
+                self._hits.index_add_(0, rows, one)
+                self._hit_last.index_fill_(0, rows, self._current_iter)
+        else:
+            self._hits.index_add_(0, rows, one)  # interval 1: every hit is this step's
+        miss = rows == self._miss_row
+        if bool(miss.any()):
+            values = ids[miss]
+            self._reserve(values.numel())
+            start, n = self._current_history_buffer_offset, values.numel()
+            self._history_accumulator[start:start + n] = values
+            self._eviction_policy.record_history_metadata(
+                self._current_iter, values, {k: buf[start:start + n] for k, buf in self._history_metadata.items()})
+            self._current_history_buffer_offset += n
+        return rows
+
+    def profile(self, features: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:  # type: ignore[override]
+        if not self.training:
+            return features
+        self._tick()
+        for feature in features.values():
+            self._record(feature.values())
+        if self._current_iter % self._eviction_interval == 0:
+            self._round()
+        return features
+
+    @torch.no_grad()
+    def record_and_remap(self, ids: torch.Tensor, local: slice | None = None) -> torch.Tensor:
+        """One training step: record ``ids`` (every rank's), run the round if due, and return
+        the rows of ``ids[local]`` (this rank's; default all) after it, as :meth:`profile`
+        then :meth:`remap` would, with one lookup instead of two."""
+        self._tick()
+        rows = self._record(ids)
+        local = local if local is not None else slice(0, ids.numel())
+        out, ids = rows[local], ids[local]
+        if self._current_iter % self._eviction_interval:
+            return out
+        self._round()
+        if any(h.numel() for h in self._handed):
+            # Only ids without a row before the round, or whose row it handed out, may have moved.
+            changed = torch.zeros(self._zch_size, dtype=torch.bool, device=self._device)
+            changed[torch.cat(self._handed)] = True
+            changed[self._miss_row] = True
+            redo = changed[out].nonzero().squeeze(1)
+            if redo.numel():
+                out[redo] = self.lookup(ids[redo])
+        return out
+
+    # ------------------------------------------------------------------ rounds
+
+    def _pending(self, rows: torch.Tensor) -> None:
+        super()._pending(rows)
+        self._handed.append(rows.to(torch.int64))
+
+    @torch.no_grad()
+    def _row_positions(self) -> torch.Tensor:
+        """Position in the sorted arrays of every row ``[zch]``."""
+        pos = torch.empty_like(self._mch_remapped_ids_mapping)
+        pos[self._mch_remapped_ids_mapping - self._output_global_offset] = torch.arange(
+            self._zch_size, device=self._device)
+        return pos
+
+    @torch.no_grad()
+    def _round(self) -> None:
+        """TTL expiry, then admission / eviction over the interval's ids (the reference's
+        ``_expire`` + ``_coalesce_history`` + ``_update_and_evict``)."""
+        self._handed = []
+        recorded, self._recorded = self._recorded, False
+        if recorded:
+            hits = self._hits
+            hits[self._miss_row] = 0  # the misses' sink
+            h_rows = hits.nonzero().squeeze(1)
+            h_cnt = hits[h_rows]
+            hits.zero_()
+            h_last = (self._hit_last[h_rows] if self._hit_last is not None
+                      else torch.full_like(h_rows, self._current_iter))
+            h_ids = self._mch_sorted_raw_ids[self._row_positions()[h_rows]]
+            n_ids, n_cnt, n_last = self._coalesce_misses()
+        self._expire()
+        if recorded:
+            h_pos = self._row_positions()[h_rows]
+            if self._handed:  # the TTL freed some of the interval's ids: they are new again
+                gone = self._mch_sorted_raw_ids[h_pos] != h_ids
+                if bool(gone.any()):
+                    n_ids = torch.cat([n_ids, h_ids[gone]])
+                    order = torch.argsort(n_ids)
+                    n_ids, n_cnt, n_last = n_ids[order], torch.cat([n_cnt, h_cnt[gone]])[order], \
+                        torch.cat([n_last, h_last[gone]])[order]
+                    h_pos, h_cnt, h_last = h_pos[~gone], h_cnt[~gone], h_last[~gone]
+            self._admit(h_pos, h_cnt, h_last, n_ids, n_cnt, n_last)
+        self._last_eviction_iter = self._current_iter
+
+    def _coalesce_misses(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The interval's ids the table did not hold: (ids ascending, counts, last step seen)."""
+        used = self._current_history_buffer_offset
+        self._current_history_buffer_offset = 0
+        if not used:
+            empty = torch.empty(0, dtype=torch.int64, device=self._device)
+            return empty, empty, empty
+        ids, inverse, counts = torch.unique(self._history_accumulator[:used], return_inverse=True,
+                                            return_counts=True)
+        meta = self._eviction_policy.coalesce_history_metadata(
+            self._current_iter, {k: buf[:used] for k, buf in self._history_metadata.items()}, counts, inverse)
+        return ids, counts, meta.get("last_access_iter", torch.full_like(counts, self._current_iter))
+
+    def _admit(self, h_pos: torch.Tensor, h_cnt: torch.Tensor, h_last: torch.Tensor,
+               n_ids: torch.Tensor, n_cnt: torch.Tensor, n_last: torch.Tensor) -> None:
+        """The reference's ``_update_and_evict`` given the held ids' positions ``h_pos`` and
+        the new ids ``n_ids`` (ascending), each with its count and last step.
+
+        TorchRec orders the round's ids by count (descending, stable over ascending ids) and
+        passes the policy that order: the held ids' order only pairs them with their own
+        counts (distinct positions), the new ids' order breaks ties, so only theirs is sorted.
+        """
+        index = self._synced_index()
+        order = torch.argsort(n_cnt, descending=True, stable=True)
+        new_ids = n_ids[order]
+        n_h, n_n = h_pos.numel(), new_ids.numel()
+        matching = torch.zeros(n_h + n_n, dtype=torch.bool, device=self._device)
+        matching[:n_h] = True
+        meta = {"last_access_iter": torch.cat([h_last, n_last[order]])} if self._track_last else {}
+        evicted, selected = self._eviction_policy.update_metadata_and_generate_eviction_scores(
+            self._current_iter, self._zch_size, torch.arange(n_h + n_n, device=self._device),
+            torch.cat([h_cnt, n_cnt[order]]), matching, h_pos, self._mch_metadata, meta)
+        displaced = self._mch_sorted_raw_ids[evicted]
+        held = displaced != EMPTY
+        self._evicted_total += int(held.sum())
+        self._admitted_total += int(selected.numel())
+        admitted, rows = new_ids[selected], self._mch_remapped_ids_mapping[evicted]
+        self._pending(rows)  # also when empty, as the reference (its evict() then returns a tensor)
+        if not evicted.numel():
+            return  # (an empty write would still bump the buffer's version and drop the index)
+        self._mch_sorted_raw_ids[evicted] = admitted
+        self._merge_sorted(evicted)
+        if index is not None:  # else it is rebuilt at the next lookup
+            index.delete(displaced[held])
+            index.insert(admitted, rows)
+            if not index.too_full():
+                self._index_key = self._buffers_key()
+
+    @torch.no_grad()
+    def _merge_sorted(self, changed: torch.Tensor) -> None:
+        """Re-sort the buffers after the ids at positions ``changed`` were replaced by new,
+        distinct, non-empty ids: the permutation of a stable argsort, in O(zch) passes."""
+        ids = self._mch_sorted_raw_ids
+        n, m = ids.numel(), changed.numel()
+        keep = torch.ones(n, dtype=torch.bool, device=self._device)
+        keep[changed] = False
+        kept = keep.nonzero().squeeze(1)  # ascending: their ids are still in order
+        new_keys, order = torch.sort(ids[changed])
+        moved = changed[order]
+        before = torch.searchsorted(ids[kept], new_keys)  # kept ids smaller than each new id
+        perm = torch.empty(n, dtype=torch.int64, device=self._device)
+        perm[before + torch.arange(m, device=self._device)] = moved
+        shift = torch.bincount(before, minlength=n - m + 1)[: n - m].cumsum_(0)
+        perm[torch.arange(n - m, device=self._device) + shift] = kept
+        for buf in (ids, self._mch_remapped_ids_mapping, *self._mch_metadata.values()):
+            buf.copy_(buf[perm])
+
+    @torch.no_grad()
+    def _expire(self) -> None:
+        if not self.ttl_steps:
+            return
+        index = self._synced_index()
+        stale = (self._mch_sorted_raw_ids != EMPTY) & (
+            self._mch_metadata["last_access_iter"] < self._current_iter - self.ttl_steps)
+        gone = self._mch_sorted_raw_ids[stale]
+        if not gone.numel():
+            return
+        super()._expire()
+        if index is not None:
+            index.delete(gone)
+            self._index_key = self._buffers_key()
+
+
 # --------------------------------------------------------------------------- hash statistics
 
 
@@ -371,7 +729,16 @@ class IdMapper(nn.Module):
     ``forward(kjt)`` returns a new KJT (the input is not modified); keys of dense tables and
     keys that look no table up pass through. In training mode the managed tables record the
     step's ids (all ranks' ids when ``torch.distributed`` runs with more than one rank) and
-    may admit / evict; the rows handed to new ids are then reset through ``row_reset``.
+    may admit / evict; the rows handed to new ids are then reset through ``row_reset``:
+    at once, or with ``defer_resets`` (set by :func:`attach_optimizer` for a training loop)
+    when :func:`apply_deferred_resets` runs before that batch's forward.
+
+    Why deferred: a pipelined loop (TorchRec's TrainPipelineSparseDist) prepares batch
+    ``j + 2`` before the update of batch ``j``; resetting a row then would let the updates of
+    ``j`` and ``j + 1`` (by the id that just lost it) land in the new id's fresh row, and the
+    result would depend on where the pipeline drains (checkpoints, validation) - a resumed
+    run would differ from an uninterrupted one. Deferred, every reset happens after the
+    previous step's update, as in an unpipelined loop.
     """
 
     def __init__(self, tables: list[MappedTable], zch: Any, hash_collision_stats: bool = True,
@@ -388,6 +755,8 @@ class IdMapper(nn.Module):
         })
         self.feature_table = {f: t.name for t in tables for f in t.features}
         self.row_reset: RowReset | None = None
+        self.defer_resets = False
+        self._resets: deque[list[tuple[str, torch.Tensor]]] = deque()  # per prepared training batch
         self._built_on_meta = torch.device(device).type == "meta"
 
     def materialize(self) -> None:
@@ -409,6 +778,9 @@ class IdMapper(nn.Module):
         return [*self.managed.keys(), *self.hashed.keys()]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        resets: list[tuple[str, torch.Tensor]] = []
+        if self.training and self.defer_resets:
+            self._resets.append(resets)  # one entry per training batch, filled by _record
         keys = kjt.keys()
         if not any(k in self.feature_table for k in keys):
             return kjt
@@ -425,16 +797,16 @@ class IdMapper(nn.Module):
             if bool((local[t] == EMPTY).any()):
                 raise ValueError(f"table {t!r}: raw id {EMPTY} (2**63 - 1) is reserved (TorchRec's empty-slot "
                                  "marker in managed tables)")
-        if self.training:
-            self._record({t: local[t] for t in self._stateful() if t in local})
+        trained = self._record({t: local[t] for t in self._stateful() if t in local}, resets) if self.training else {}
         for t, idx in by_table.items():
             spec = self.specs[t]
             if spec.kind == "hash":
                 rows = hash_rows(local[t], spec.num_rows)
+            elif t in trained:
+                rows = trained[t]
             else:
                 mc = self.managed[t]
-                ids = local[t].to(mc._mch_sorted_raw_ids.device)  # CUDA: DMP moved the state to the GPU
-                rows = mc.remap({t: JaggedTensor(values=ids, lengths=ids.new_tensor([ids.numel()]))})[t].values()
+                rows = mc.lookup(local[t].to(mc._mch_sorted_raw_ids.device))  # CUDA: DMP moved the state
                 rows = rows.to(local[t].device)
             start = 0
             for i in idx:
@@ -445,22 +817,39 @@ class IdMapper(nn.Module):
                                  lengths=kjt.lengths(), stride=kjt.stride())
 
     @torch.no_grad()
-    def _record(self, ids: dict[str, torch.Tensor]) -> None:
-        """Training step: every managed table profiles this step's ids (all ranks'), hash
-        tables update their statistics, and rows handed to new ids are reset."""
+    def _record(self, ids: dict[str, torch.Tensor], resets: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Training step: every managed table records this step's ids (all ranks') and
+        returns the rows of this rank's, hash tables update their statistics, and rows
+        handed to new ids are reset (or, deferred, added to ``resets``). Returns
+        ``{managed table: rows [n]}`` of ``ids``."""
         if not ids:
-            return
-        ids = _gather_global(ids)
+            return {}
+        home = {t: v.device for t, v in ids.items()}
+        ids, starts = _gather_global(ids)
+        out: dict[str, torch.Tensor] = {}
         for t, values in ids.items():
             if t in self.hashed:
                 self.hashed[t].update(values.to(self.hashed[t].owner.device), self.specs[t].num_rows)
                 continue
             mc = self.managed[t]
             values = values.to(mc._mch_sorted_raw_ids.device)
-            mc.profile({t: JaggedTensor(values=values, lengths=values.new_tensor([values.numel()]))})
+            lo, hi = starts[t]
+            out[t] = mc.record_and_remap(values, slice(lo, hi)).to(home[t])
             rows = mc.evict()
             if rows is not None and rows.numel() and self.row_reset is not None:
-                self.row_reset(t, rows.to(torch.int64))
+                if self.defer_resets:
+                    resets.append((t, rows.to(torch.int64)))
+                else:
+                    self.row_reset(t, rows.to(torch.int64))
+        return out
+
+    def apply_resets(self) -> None:
+        """Reset the rows handed out while preparing the oldest prepared training batch not
+        yet run (deferred mode); call right before that batch's forward."""
+        if self._resets:
+            for table, rows in self._resets.popleft():
+                if self.row_reset is not None:
+                    self.row_reset(table, rows)
 
     def table_stats(self) -> dict[str, dict[str, Any]]:
         """Per mapped table: mapping, rows and occupancy (+ admitted / evicted / expired
@@ -480,10 +869,11 @@ class IdMapper(nn.Module):
         return out
 
 
-def _gather_global(ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each table's ids of every rank, concatenated in rank order (two all-gathers)."""
+def _gather_global(ids: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Each table's ids of every rank, concatenated in rank order (two all-gathers), and
+    where this rank's ids lie in it (``{table: (start, end)}``)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids
+        return ids, {t: (0, v.numel()) for t, v in ids.items()}
     world = dist.get_world_size()
     names = list(ids)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -502,7 +892,10 @@ def _gather_global(ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for t, part in zip(names, torch.split(buf[:int(rank_sizes.sum())], rank_sizes.tolist())):
             out[t].append(part)
     home = next(iter(ids.values())).device
-    return {t: torch.cat(parts).to(home) for t, parts in out.items()}
+    rank = dist.get_rank()
+    starts = {t: sum(int(all_sizes[r][i]) for r in range(rank)) for i, t in enumerate(names)}
+    return ({t: torch.cat(parts).to(home) for t, parts in out.items()},
+            {t: (starts[t], starts[t] + ids[t].numel()) for t in names})
 
 
 # --------------------------------------------------------------------------- attaching to a model
@@ -568,15 +961,27 @@ def _optimizer_of(model: nn.Module) -> Any:
     return ref() if ref is not None else None
 
 
-def attach_optimizer(model: nn.Module, optimizer: Any, sharded: nn.Module | None = None) -> None:
+def attach_optimizer(model: nn.Module, optimizer: Any, sharded: nn.Module | None = None,
+                     defer_resets: bool = False) -> None:
     """Let row resets also zero the optimizer state of the reset rows (and, sharded, find the
-    shards through ``sharded``, the DistributedModelParallel wrapper). No-op without a mapper."""
+    shards through ``sharded``, the DistributedModelParallel wrapper). ``defer_resets``: the
+    training loop calls :func:`apply_deferred_resets` right before each training forward
+    (see :class:`IdMapper`). No-op without a mapper."""
     if getattr(model, "id_mapper", None) is None:
         return
+    model.id_mapper.defer_resets = defer_resets
     model.id_mapper.materialize()  # after DMP: a table built on the meta device now exists, as zeros
     object.__setattr__(model, "_id_mapping_optimizer", weakref.ref(optimizer))
     if sharded is not None:
         object.__setattr__(model, "_id_mapping_sharded", weakref.ref(sharded))
+
+
+def apply_deferred_resets(model: nn.Module) -> None:
+    """Before a training forward: the row resets of that batch's newly admitted ids (no-op
+    without a mapper or when resets are not deferred)."""
+    mapper = getattr(model, "id_mapper", None)
+    if mapper is not None:
+        mapper.apply_resets()
 
 
 @torch.no_grad()
@@ -613,7 +1018,8 @@ def _reset_sharded(dmp: nn.Module, table: str, rows: torch.Tensor, spec: MappedT
     """Reset the rows in this rank's shards of ``table`` (weights; fused optimizer state too)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    suffix = f"embedding_bags.{table}.weight"
+    # The table's weight in an EmbeddingBagCollection or an EmbeddingCollection (sequence models).
+    suffix = (f".embedding_bags.{table}.weight", f".embeddings.{table}.weight")
 
     def reset(t: Any, fill: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
         shards = [(s.tensor, list(s.metadata.shard_offsets)) for s in t.local_shards()] \
@@ -626,13 +1032,13 @@ def _reset_sharded(dmp: nn.Module, table: str, rows: torch.Tensor, spec: MappedT
                 tensor[hit - lo] = fill(hit, col0, width)
 
     for key, t in dmp.state_dict().items():
-        if key.endswith(suffix) and (isinstance(t, ShardedTensor) or t.device.type != "meta"):
+        if f".{key}".endswith(suffix) and (isinstance(t, ShardedTensor) or t.device.type != "meta"):
             reset(t, lambda hit, c0, width: row_init(table, hit, spec.dim, spec.num_rows)[:, c0:c0 + width])
     fused = getattr(dmp, "fused_optimizer", None)
     if fused is None:
         return
     for key, st in fused.state_dict().get("state", {}).items():
-        if not key.endswith(suffix) or not isinstance(st, Mapping):
+        if not f".{key}".endswith(suffix) or not isinstance(st, Mapping):
             continue
         for v in st.values():
             if isinstance(v, (torch.Tensor, ShardedTensor)):
@@ -643,24 +1049,31 @@ def _reset_sharded(dmp: nn.Module, table: str, rows: torch.Tensor, spec: MappedT
 
 
 def state_bytes(kind: str, rows: int, zch: Any, hash_collision_stats: bool = True) -> int:
-    """Persistent bytes of one table's mapping state (a full replica on every rank).
+    """Bytes of one table's mapping that grow with its rows (a full replica on every rank).
 
-    managed: sorted raw ids + their rows + the policy's per-row metadata (distance_lfu:
-    count and last-seen step; lru: last-seen; lfu: count), int64 each; hash: the
-    collision statistics (8-byte smallest id + 1-byte flag per row) or nothing.
+    managed: the persistent state - sorted raw ids + their rows + the policy's per-row
+    metadata (distance_lfu: count and last-seen step; lru: last-seen; lfu: count), int64
+    each - plus what :class:`ManagedTable` keeps beside it: the hash index (2 slots per
+    row, id + row: 32 bytes per row) and the interval's hit count per row (8 bytes; with
+    ``eviction_interval`` > 1 and a policy that records last-seen steps, 16 more: the
+    rows' last-seen step and the counts before the step). hash: the collision statistics
+    (8-byte smallest id + 1-byte flag per row) or nothing.
     """
     if kind == "managed":
         per_row = 2 + {"distance_lfu": 2, "lru": 1, "lfu": 1}[zch.eviction_policy]
-        return rows * 8 * per_row + (1025 + 4) * 8
+        tracked = zch.eviction_interval > 1 and zch.eviction_policy != "lfu"
+        return rows * 8 * per_row + (1025 + 4) * 8 + rows * (32 + 8 + (16 if tracked else 0))
     if kind == "hash":
         return rows * 9 if hash_collision_stats else 0
     return 0
 
 
 def history_bytes(kind: str, ids_per_step: int, zch: Any) -> int:
-    """Upper bound of a managed table's history buffer: the ids of ``eviction_interval``
-    steps of every rank (x 1.25, TorchRec's sizing), with the last-seen step of each."""
+    """Bytes of a managed table's mapping that grow with the ids of a step (every rank's):
+    the history buffer - at most every id of ``eviction_interval`` steps (only ids the
+    table does not hold go there, but a cold table holds none), x 1.25 as TorchRec sizes
+    it, each with its last-seen step - and the lookup's scratch and output (34 bytes per id)."""
     if kind != "managed":
         return 0
     per_id = 8 * (1 + (0 if zch.eviction_policy == "lfu" else 1))
-    return int(ids_per_step * zch.eviction_interval * 1.25) * per_id
+    return int(ids_per_step * zch.eviction_interval * 1.25) * per_id + 34 * ids_per_step

@@ -145,6 +145,18 @@ def _match_positions(
     Returns:
         ``(pos [M], seg [M])`` int64, ``pos`` ascending.
     """
+    pos = _matching_positions(hist_categories, offsets, target_categories, chunk)
+    seg = torch.searchsorted(offsets[1:], pos, right=True)
+    if recency_window is not None:
+        keep = pos >= offsets[1:][seg] - recency_window
+        pos, seg = pos[keep], seg[keep]
+    return pos, seg
+
+
+def _matching_positions(
+    hist_categories: torch.Tensor, offsets: torch.Tensor, target_categories: torch.Tensor, chunk: int = _CPU_CHUNK
+) -> torch.Tensor:
+    """Ascending positions ``[M]`` (int64, in the jagged values) of the behaviours in their bag's target category."""
     batch = target_categories.numel()
     n = hist_categories.numel()
     device = hist_categories.device
@@ -156,7 +168,7 @@ def _match_positions(
     target = target_categories.to(device=device, dtype=hist_categories.dtype)
     empty = torch.empty(0, dtype=torch.int64, device=device)
     if n == 0 or batch == 0:
-        return empty, empty
+        return empty
     if device.type != "cpu":
         # Accelerators: no page-fault cost to avoid and no host sync wanted for chunking.
         tr = torch.repeat_interleave(target, offsets.diff(), output_size=n)
@@ -173,11 +185,7 @@ def _match_positions(
             tr = _expanded_target_chunk(target, offsets, b0, b1, start, end - start)
             parts.append(torch.nonzero(torch.eq(hist_categories[start:end], tr)).squeeze(1).add_(start))
         pos = torch.cat(parts) if parts else empty
-    seg = torch.searchsorted(offsets[1:], pos, right=True)
-    if recency_window is not None:
-        keep = pos >= offsets[1:][seg] - recency_window
-        pos, seg = pos[keep], seg[keep]
-    return pos, seg
+    return pos
 
 
 def filter_history_by_category(
@@ -207,10 +215,15 @@ def filter_history_by_category(
             f"{tuple(hist_categories.shape)} must have the same shape"
         )
     offsets = _bag_offsets(lengths, None, hist_items.numel())
-    pos, seg = _match_positions(hist_categories, offsets, target_categories, recency_window)
-    values = hist_items.index_select(0, pos)
-    match_lengths = torch.bincount(seg, minlength=lengths.numel())
-    return values, match_lengths
+    if recency_window is not None:
+        pos, seg = _match_positions(hist_categories, offsets, target_categories, recency_window)
+        return hist_items.index_select(0, pos), torch.bincount(seg, minlength=lengths.numel())
+    # No window, so no bag index per match is needed: the matches per bag are where the
+    # bag offsets fall among the ascending positions (B + 1 binary searches instead of M,
+    # ~3 of 8 ms at B = 512, L = 2000 on one core).
+    pos = _matching_positions(hist_categories, offsets, target_categories)
+    match_lengths = torch.searchsorted(pos, offsets.to(pos.device)).diff()
+    return hist_items.index_select(0, pos), match_lengths
 
 
 # ---------------------------------------------------------------------------------------

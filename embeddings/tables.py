@@ -3,7 +3,9 @@
 Every id feature lives in one TorchRec :class:`EmbeddingBagCollection`, so sharding
 with DistributedModelParallel is a wrap of this one module, not a rewrite. The
 behaviour sequence shares the ``item`` table with the target item (paper §3.3: the
-pooled intent lives in the same space as the candidate).
+pooled intent lives in the same space as the candidate). (The sequence baselines keep
+``item`` / ``category`` in an unpooled EmbeddingCollection instead,
+:mod:`cdp_rec.models.sequence`; :mod:`embeddings.sharding` shards both kinds.)
 
 Table names are stable (``query``, ``user``, ``item``, ``category``, ``ctx_<col>``,
 ``scene_<col>``): sharding constraints, checkpoints and the capacity planner refer

@@ -202,12 +202,12 @@ def test_table_names_match_the_embedding_tables():
 
 
 def test_table_missing_from_a_models_sharded_collection_is_a_config_error():
-    # sequence models keep item / category out of the sharded EmbeddingBagCollection
+    # lr_counts embeds only the context / scene columns (its id statistics are count buffers)
     from cdp_rec.models import build_model
     from embeddings.sharding import plan_sharding
 
-    cfg = load_config(None, ["model.name=din", "sharding.constraints={item: table_wise}"])
-    with pytest.raises(ConfigError, match=r"sharding\.constraints\.item: model 'din' has no sharded table 'item'"):
+    cfg = load_config(None, ["model.name=lr_counts", "sharding.constraints={item: table_wise}"])
+    with pytest.raises(ConfigError, match=r"sharding\.constraints\.item: model 'lr_counts' has no table 'item'"):
         plan_sharding(cfg, build_model(cfg), 2, 2, "cpu")
 
 

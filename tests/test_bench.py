@@ -123,3 +123,20 @@ def test_id_mapping_quick(tmp_path):
     for name in ("managed/1", "managed/10"):  # steady state: the table is full and evicting
         assert t[name]["occupied"] == r["rows"] - 1 and t[name]["evicted"] > 0
     assert _positive(t["managed/10"]["round_ms"]) and _positive(t["managed/10"]["amortised_ms"])
+
+
+def test_serving_quick(tmp_path):
+    data = _run("bench/serving.py", tmp_path)
+    assert data["bench"] == "serving" and data["threads"] == 1
+    assert {(r["model"], r["seq_len"], r["requests"]) for r in data["rows"]} == \
+        {(m, 50, n) for m in ("base", "cdp", "sim") for n in (1, 4)}
+    for case in data["cases"]:
+        assert set(case["variants"]) == {"eager", "eager dedup", "pkg fp32", "pkg int8", "pkg int8 dedup"}
+        for name, v in case["variants"].items():
+            assert _positive(v["p50_ms"]) and _positive(v["p99_ms"]) and v["p99_ms"] >= v["p50_ms"], (name, v)
+        assert case["impressions"] >= 4 * case["requests"]
+        diffs = case["max_abs_logit_diff_vs_eager"]
+        assert diffs["pkg fp32"] <= 1e-5 and diffs["eager dedup"] <= 1e-5, diffs
+        assert 0 < diffs["pkg int8"] < 0.05 and diffs["pkg int8 dedup"] == diffs["pkg int8"], diffs
+    for row in data["rows"]:
+        assert _positive(row["pkg fp32|p50_vs_eager"]) and _positive(row["pkg int8|p50_vs_eager"])

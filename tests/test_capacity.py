@@ -1,4 +1,5 @@
-"""Capacity planning (``cdp-rec plan``): bytes by hand, JSON vs text, failures, min GPUs.
+"""Capacity planning (``cdp-rec plan``): bytes by hand, JSON vs text, failures, min GPUs,
+and the planner counting the sparse optimizer's state (the README's example).
 
 Small configs on a CUDA topology (the planner runs without a GPU: tables live on the
 meta device), sized so the answers can be worked out on paper: an fp32 row of dim 16
@@ -16,7 +17,7 @@ import pytest
 from cdp_rec.cli import main
 from cdp_rec.config import load_config
 from embeddings import capacity as cap
-from embeddings.sharding import describe_plan, plan_sharding
+from embeddings.sharding import describe_plan, plan_sharding, plan_with_estimates
 
 GIB = 2**30
 ROWS_PER_GIB = GIB // 64  # fp32, dim 16 (the tiny config's embedding_dim)
@@ -112,6 +113,7 @@ def test_caching_puts_the_table_in_ddr_and_a_cache_in_hbm():
     [
         ("configs/industrial.yaml", [], 64, 8),
         (None, ["sharding.constraints={item: row_wise, ctx_hour: data_parallel}"], 4, 2),  # CPU, hand-built
+        (None, ["model.name=sim", "sharding.constraints={item: column_wise}"], 4, 2),  # EC + EBC
     ],
 )
 def test_capacity_plan_is_the_plan_training_gets(config, overrides, world, local):
@@ -119,11 +121,12 @@ def test_capacity_plan_is_the_plan_training_gets(config, overrides, world, local
 
     cfg = load_config(config, overrides)
     device = cfg.sharding.compute_device
-    model = build_model(cfg, "meta")
     with cap.quiet_planner():
-        trained = plan_sharding(cfg, model, world, local, device)
-    planned = cap.plan_embeddings(cfg, model, world, local, device)
-    assert describe_plan(planned.plan) == describe_plan(trained)
+        trained = describe_plan(plan_sharding(cfg, build_model(cfg, "meta"), world, local, device))
+    report = cap.plan_capacity(cfg, world, local)
+    assert {r["table"]: (r["sharding_type"], r["compute_kernel"], sorted(r["ranks"])) for r in trained} == {
+        t.name: (t.sharding_type, t.compute_kernel, t.ranks) for t in report.tables
+    }
 
 
 def test_industrial_plan_runs_in_seconds_and_fits():
@@ -150,7 +153,7 @@ def test_json_parses_and_agrees_with_the_text(capsys):
 
     assert data["fits"] is True and "fits: yes" in text
     assert data["topology"]["world_size"] == 4 and "4 x cuda, 2 hosts x 2" in text
-    assert data["sparse_optimizer"] == "adam" and data["optimizer_counted_by_planner"] is False
+    assert data["sparse_optimizer"] == "adam" and data["optimizer_counted_by_planner"] is True
     unit = 2**20  # the largest table is 192 MB: the text reports MiB
     assert "params MiB" in text
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
@@ -199,12 +202,70 @@ def test_tables_too_big_for_the_cluster_are_named():
         cap.plan_capacity(cfg, 2, 2, hbm_gb=2, ddr_gb=8)
 
 
-def test_optimizer_state_the_planner_ignores_still_fails_the_plan():
-    # 1 GiB of weights row-wise over 2 devices fits the planner (0.5 GiB each of 0.85);
-    # with Adam's 2 GiB of state it needs 1.5 GiB per device.
+def test_planner_counts_optimizer_state_so_a_plan_without_room_for_it_is_refused():
+    # 1 GiB of weights row-wise over 2 devices would fit the weights alone (0.5 GiB each of
+    # 0.85); with Adam's 2 GiB of state it needs 1.5 GiB per device, and the planner says so.
     cfg = cuda_cfg(f"features.num_items={ROWS_PER_GIB}", "sharding.constraints={item: row_wise}")
-    with pytest.raises(cap.CapacityError, match=r"rank \d needs 1\.5\d GiB HBM .*adam state 1\.00 GiB.*item"):
+    with pytest.raises(cap.CapacityError, match=r"item needs 1\.50 GiB HBM split over at most 2 devices \(row_wise\)"):
         cap.plan_capacity(cfg, 2, 1, hbm_gb=1, ddr_gb=8)
+    # SGD keeps no state: the same table fits.
+    report = cap.plan_capacity(load_config(None, [*cfg_overrides(cfg), "sharding.sparse_optimizer=sgd"]), 2, 1,
+                               hbm_gb=1, ddr_gb=8)
+    assert all(r.optimizer_hbm == 0 and r.hbm <= report.hbm_available for r in report.ranks)
+
+
+def cfg_overrides(cfg) -> list[str]:
+    return ["sharding.compute_device=cuda", f"features.num_items={cfg.features.num_items}",
+            "sharding.constraints={item: row_wise}"]
+
+
+def test_planner_estimate_per_shard_is_weights_buffers_and_fbgemm_state():
+    # Rowwise Adagrad keeps one fp32 per row of *each* column shard (fbgemm), which TorchRec's
+    # own multiplier (1/dim of the weights) undercounts; the planner's estimate has it exactly.
+    from cdp_rec.models import build_model
+
+    common = ["features.num_items=100000", "sharding.constraints={item: column_wise}", "model.embedding_dim=256"]
+    estimates = {}
+    for optimizer in ("rowwise_adagrad", "sgd"):
+        cfg = cuda_cfg(*common, f"sharding.sparse_optimizer={optimizer}")
+        with cap.quiet_planner():
+            estimates[optimizer] = plan_with_estimates(cfg, build_model(cfg, "meta"), 4, 2, "cuda", hbm_gb=8, ddr_gb=8)
+    item = estimates["rowwise_adagrad"].options["item"]
+    assert item.sharding_type == "column_wise" and len(item.shards) == 2  # TorchRec's 128-wide column shards
+    for with_state, without in zip(item.shards, estimates["sgd"].options["item"].shards):
+        assert with_state.size == without.size
+        assert with_state.storage.hbm - without.storage.hbm == with_state.size[0] * 4  # rows x fp32
+
+
+def test_readme_example_the_old_planner_accepted_is_now_placed_to_fit():
+    """README "Capacity planning": item rows x2 and dim 128 on 64 x 80 GiB. Blind to Adam's
+    state, TorchRec's stock planner keeps item on one host (table_row_wise over 8 GPUs),
+    where weights + state need 107 GiB per GPU of 68; counting the state, it spreads item
+    row-wise over all 64 GPUs and the plan fits."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+
+    from embeddings.sharding import build_sharders, build_topology, model_tables
+
+    cfg = load_config("configs/industrial.yaml")
+    what_if = cap.WhatIf(scale_rows={"item": 2.0}, dims={"item": 128})
+    model = cap.planning_model(cfg, what_if)
+    with cap.quiet_planner():
+        stock = EmbeddingShardingPlanner(
+            topology=build_topology(64, 8, "cuda", 80, 512),
+            constraints={t: ParameterConstraints(compute_kernels=["fused"]) for t in model_tables(model)},
+        ).plan(model, build_sharders(cfg, "cuda"))
+    old = {r["table"]: r for r in describe_plan(stock)}["item"]
+    assert old["sharding_type"] == "table_row_wise" and len(old["ranks"]) == 8
+    rows = max(sh["sizes"][0] for sh in old["shards"])
+    weights_and_adam = rows * 128 * 4 * 3  # fp32 weights + 2 fp32 Adam moments per element
+    report = cap.plan_capacity(cfg, 64, 8, hbm_gb=80, ddr_gb=512, what_if=what_if, model=model)
+    assert weights_and_adam > report.hbm_available  # the old plan would run out of memory
+    item = table(report, "item")
+    assert item.sharding_type == "row_wise" and item.ranks == list(range(64))
+    assert report.fits() and max(r.hbm for r in report.ranks) <= report.hbm_available
+    # Each GPU holds 1/64 of the weights and of the state, inside the planner's estimate.
+    for r in report.ranks:
+        assert r.optimizer_hbm >= item.optimizer_bytes // 64
 
 
 def test_cli_failure_is_one_line_and_exit_2(capsys):
@@ -270,3 +331,39 @@ def test_find_min_gpus_counts_whole_hosts(capsys):
     # 3 GiB / 0.85 GiB -> 4 devices = 2 hosts of 2.
     assert data["min_world_size"] == data["topology"]["world_size"] == 4
     assert [s["world_size"] for s in data["search"] if not s["fits"]] == [2]
+
+
+# --------------------------------------------------------------------------- sequence models
+
+
+def test_sequence_model_plans_its_embedding_collection_tables(capsys):
+    # sim keeps item / category in an unpooled EmbeddingCollection beside the pooled EBC.
+    args = ["plan", "--set", "model.name=sim", "--world-size", "2", "--local-world-size", "2", "--json"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    tables = {t["name"]: t for t in data["tables"]}
+    assert {"item", "category", "user", "query"} <= set(tables) and data["fits"] is True
+    assert tables["item"]["rows"] == 5000 and tables["item"]["ranks"]
+    # What-ifs reach the EmbeddingCollection's tables too.
+    assert main([*args, "--scale-table", "item=2", "--dim", "item=32", "--dim", "category=32"]) == 0
+    item = next(t for t in json.loads(capsys.readouterr().out)["tables"] if t["name"] == "item")
+    assert (item["rows"], item["dim"]) == (10_000, 32)
+    # TorchRec's EmbeddingCollection has one dim for all its tables.
+    assert main([*args, "--dim", "item=32"]) == 2
+    assert "share one EmbeddingCollection" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("table_row_wise", "table_row_wise is not available for model 'sim''s table 'item', an unpooled "
+                           "EmbeddingCollection table"),
+        ("data_parallel", "data_parallel of model 'sim''s unpooled EmbeddingCollection table 'item' is not supported"),
+    ],
+)
+def test_sequence_model_refuses_shardings_its_collection_lacks(capsys, kind, message):
+    args = ["plan", "--set", "model.name=sim", "--set", f"sharding.constraints={{item: {kind}}}",
+            "--world-size", "2", "--local-world-size", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "sharding.constraints.item" in err and message in err

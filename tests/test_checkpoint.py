@@ -33,7 +33,7 @@ def _overrides(root: Path, run_dir: Path, name: str, *extra: str) -> list[str]:
     return [
         f"data.root={root}", "data.samples_per_day=8000", "data.rows_per_file=4000", "data.row_group_size=1000",
         f"train.run_dir={run_dir}", f"train.run_name={name}", "train.progress=false", "train.batch_size=256",
-        "checkpoint.every_steps=10", *extra,
+        "train.epochs=1", "checkpoint.every_steps=10", *extra,
     ]
 
 

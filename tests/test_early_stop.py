@@ -137,6 +137,17 @@ def test_early_stop_stops_at_the_planted_best_epoch_and_restores_its_weights(roo
     assert saved["restored"]["epoch"] == 2 and saved["validation"] == hist
 
 
+def test_the_default_upper_bound_stops_one_epoch_after_the_best(root, tmp_path):
+    # The shipped defaults (train.epochs an upper bound, patience 1, restore_best): the planted
+    # best epoch 2 is followed by one worse epoch, then the run stops and tests epoch 2.
+    defaults = JobConfig().train
+    assert defaults.epochs > 3 and defaults.early_stop.patience == 1 and defaults.early_stop.restore_best
+    m = _run(root, tmp_path, "defaults")
+    assert [(p["epoch"], p["best"]) for p in m["validation"]] == [(1, True), (2, True), (3, False)]
+    assert m["stopped_early"] and m["epochs_run"] == 3 and m["scheduled_steps"] == defaults.epochs * STEPS_PER_EPOCH
+    assert (m["restored"]["epoch"], m["restored"]["from_checkpoint"]) == (2, True)
+
+
 @pytest.mark.slow
 def test_resume_mid_patience_equals_the_uninterrupted_run(root, tmp_path):
     # Validation every 20 steps and at epoch ends, plateau LR with warm-up, L2 and weight

@@ -20,7 +20,15 @@ from torchrec import JaggedTensor, KeyedJaggedTensor
 from cdp_rec.config import ConfigError, JobConfig, MODEL_NAMES, load_config
 from cdp_rec.data.loader import DataError, ParquetBatchReader, list_day_files
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch
-from embeddings.id_mapping import EMPTY, ManagedTable, eviction_policy, hash_rows, mix64, row_init
+from embeddings.id_mapping import (
+    EMPTY,
+    ManagedTable,
+    ReferenceManagedTable,
+    eviction_policy,
+    hash_rows,
+    mix64,
+    row_init,
+)
 from bench._common import free_port
 
 MAPPING = "features.id_mapping={item: managed, user: managed, query: hash, category: hash}"
@@ -118,6 +126,134 @@ def test_eviction_interval_rounds_and_a_growing_batch_loses_no_id():
     _step(mc, list(range(3, 300)))  # a much larger batch than the first: history grows
     rows, _ = _step(mc, [1])  # step 3: round, all 299 ids of the three steps admitted
     assert mc.occupied() == 299 and rows != [999]
+
+
+# --------------------------------------------------------------------------- fast path == reference
+
+_FIB = 0x9E3779B97F4A7C15
+
+
+def _colliding_ids(n: int) -> torch.Tensor:
+    """``n`` ids whose home slot in every IdIndex is slot 0 (``id * 0x9E37.. < 2**32``): one
+    cluster as long as ``n`` - probe chains past the lookup limit, overflowing insertions."""
+    inv = pow(_FIB, -1, 1 << 64)
+    return torch.tensor([((k * inv) % (1 << 64)) - ((k * inv) % (1 << 64) >= 1 << 63) * (1 << 64)
+                         for k in range(1, n + 1)], dtype=torch.int64)
+
+
+def _pair(policy: str, zch: int, interval: int, ttl: int) -> tuple[ReferenceManagedTable, ManagedTable]:
+    ref = ReferenceManagedTable("t", zch, eviction_policy(policy, fast=False), interval, ttl).train()
+    return ref, ManagedTable("t", zch, eviction_policy(policy), interval, ttl).train()
+
+
+def _assert_same_step(ref: ReferenceManagedTable, new: ManagedTable, ids: torch.Tensor, fused: bool,
+                      local: slice | None = None) -> None:
+    """One training step on both: the same rows (of ``ids[local]``), rows handed out and state."""
+    jt = {"t": JaggedTensor(values=ids, lengths=torch.tensor([ids.numel()]))}
+    ref.profile(jt)
+    mine = ids if local is None else ids[local]
+    want = ref.remap({"t": JaggedTensor(values=mine, lengths=torch.tensor([mine.numel()]))})["t"].values()
+    if fused:
+        got = new.record_and_remap(ids, local)
+    else:
+        new.profile(jt)
+        got = new.remap({"t": JaggedTensor(values=mine, lengths=torch.tensor([mine.numel()]))})["t"].values()
+    assert torch.equal(got, want)
+    a, b = ref.evict(), new.evict()
+    assert (a is None) == (b is None) and (a is None or torch.equal(a.long(), b.long()))
+    sa, sb = ref.state_dict(), new.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("policy,interval,ttl", [("distance_lfu", 1, 0), ("distance_lfu", 3, 4), ("lru", 1, 3),
+                                                 ("lru", 2, 0), ("lfu", 1, 0), ("lfu", 4, 0)])
+def test_fast_managed_table_equals_the_reference(policy, interval, ttl):
+    """ManagedTable (hash index, hit counts, merge re-sort, kthvalue selection) against
+    ReferenceManagedTable (TorchRec's searchsorted / unique / argsort path): the same rows,
+    the same handed-out rows in the same order, the same state after every step, through
+    admission, eviction and TTL expiry, on ids over the whole int64 range (negatives too) and
+    ids built to collide in the index (probe chains past the lookup limit, overflowing
+    insertions), via profile + remap and via the fused record_and_remap."""
+    g = torch.Generator().manual_seed(interval * 7 + ttl)
+    pool = torch.cat([_colliding_ids(120), torch.randint(-(2**63), 2**63 - 1, (700,), generator=g),
+                      torch.tensor([-(2**63), -1, 0, 1, 2**63 - 2])])  # the first steps draw from pool[:200]
+    for fused in (False, True):
+        ref, new = _pair(policy, 300, interval, ttl)
+        for step in range(24):
+            size = int(torch.randint(1, 400, (1,), generator=g))  # ids per step vary (and outnumber rows)
+            ids = pool[torch.randint(0, pool.numel() if step > 3 else 200, (size,), generator=g)]
+            _assert_same_step(ref, new, ids, fused)
+        assert int(new._evicted_total) > 0 and (ttl == 0 or policy == "lfu" or int(new._expired_total) > 0)
+    assert new._index is not None and new._index.overflow > 0  # the colliding ids overflowed
+
+
+def test_fast_managed_table_resumes_and_serves_ranks_like_the_reference():
+    """A state loaded mid-run (the index is rebuilt from the buffers), moved with .to(), and
+    the multi-rank form (all ranks' ids recorded, this rank's slice mapped) stay equal."""
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randint(-(2**62), 2**62, (900,), generator=g)
+    ref, new = _pair("distance_lfu", 257, 1, 0)
+    for step in range(30):
+        ids = pool[torch.randint(0, pool.numel(), (300,), generator=g)]
+        if step == 12:  # resume: a fresh table loads the state (its index is built on first use)
+            state = new.state_dict()
+            new = ManagedTable("t", 257, eviction_policy("distance_lfu"), 1).train()
+            new.load_state_dict(state)
+        if step == 20:
+            new = new.to("cpu")
+            new._mch_sorted_raw_ids.data = new._mch_sorted_raw_ids.data.clone()  # a swapped buffer, as .to() gives
+        _assert_same_step(ref, new, ids, fused=True, local=slice(100, 200) if step % 2 else None)
+    # In place, behind the index's back (what DCP's load does): detected, rebuilt.
+    new.eval()
+    ref.eval()
+    new._mch_sorted_raw_ids.copy_(ref._mch_sorted_raw_ids)
+    ids = pool[:300]
+    assert torch.equal(new.lookup(ids), ref.remap({"t": JaggedTensor(values=ids, lengths=torch.tensor([300]))})["t"]
+                       .values())
+
+
+def test_kth_selection_equals_torchrec_argsort_selection():
+    from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy
+
+    from embeddings.id_mapping import FastDistanceLFU
+
+    g = torch.Generator().manual_seed(2)
+    fast, slow = FastDistanceLFU(), DistanceLFU_EvictionPolicy()
+    for pivot, extra, levels in ((50, 0, 5), (50, 30, 3), (200, 150, 1), (7, 40, 2), (1000, 10, 1000)):
+        scores = torch.randint(0, levels, (pivot + extra,), generator=g).double() / 3  # many ties
+        for a, b in zip(fast._compute_selected_eviction_and_replacement_indices(pivot, scores),
+                        slow._compute_selected_eviction_and_replacement_indices(pivot, scores)):
+            assert torch.equal(a, b)
+
+
+def test_id_index_lookups_stay_exact_through_inserts_deletes_and_rebuilds():
+    from embeddings.id_index import IdIndex
+
+    g = torch.Generator().manual_seed(4)
+    universe = torch.cat([torch.randint(-(2**63), 2**63 - 1, (400,), generator=g), _colliding_ids(90)])
+    cap = 120
+    index, held = IdIndex(cap, cap), {}
+
+    def fallback(x: torch.Tensor) -> torch.Tensor:  # the authoritative answer (the sorted array's role)
+        return torch.tensor([held.get(int(v), cap) for v in x], dtype=torch.int64)
+
+    held.update(zip(universe[400:].tolist(), range(90)))  # one cluster of 90 > MAX_PROBES: some overflow
+    index.insert(universe[400:], torch.arange(90))
+    assert index.overflow == 90 - 64
+    for step in range(80):
+        gone = [k for k in held if torch.rand(1, generator=g) < 0.3]
+        index.delete(torch.tensor(gone, dtype=torch.int64))
+        for k in gone:
+            del held[k]
+        free = sorted(set(range(cap)) - set(held.values()))
+        new = [k for k in dict.fromkeys(universe[torch.randperm(universe.numel(), generator=g)[:60]].tolist())
+               if k not in held][:len(free)]
+        held.update(zip(new, free))
+        index.insert(torch.tensor(new, dtype=torch.int64), torch.tensor(free[:len(new)], dtype=torch.int64))
+        if index.too_full():
+            index.clear()
+            index.insert(torch.tensor(list(held), dtype=torch.int64), torch.tensor(list(held.values())))
+        assert torch.equal(index.lookup(universe, fallback), fallback(universe)), step
 
 
 def test_reserved_id_is_refused():
@@ -339,7 +475,7 @@ def _run(root: Path, run_dir: Path, name: str, *extra: str) -> dict:
 
     cfg = load_config(None, [*SMALL, "data.raw_ids=true", "data.id_churn=0.2", "data.train_days=3", f"data.root={root}",
                              MAPPING, "features.num_items=600", "model.name=base", f"train.run_dir={run_dir}",
-                             f"train.run_name={name}", "train.batch_size=128", *extra])
+                             f"train.run_name={name}", "train.batch_size=128", "train.epochs=1", *extra])
     return train(cfg).metrics
 
 
@@ -370,10 +506,47 @@ def test_resume_with_managed_tables_equals_uninterrupted(raw_root, tmp_path):
     assert cut["resumed_from_step"] == 33
     for k in ("auc", "logloss", "num_train_samples"):
         assert full[k] == cut[k], k
+    # The per-day report too: the checkpoint carries the finished days, the seen items and
+    # the unfinished day (step 33 is inside day 1), so day 1 is not "every item new".
+    assert cut["id_mapping_days"] == full["id_mapping_days"]
+    assert [d["day"] for d in full["id_mapping_days"]] == [0, 1, 2]
+    assert full["id_mapping_days"][1]["samples_old_items"] > 0
     a, _ = load_unsharded(list_checkpoints(tmp_path / "full" / "checkpoints")[-1])
     b, _ = load_unsharded(list_checkpoints(tmp_path / "cut" / "checkpoints")[-1])
     sa, sb = a.state_dict(), b.state_dict()
     assert any(".id_mapper.managed.item._mch_sorted_raw_ids" in f".{k}" for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _resume_worker(rank: int, ports: list[int], jobs: list[tuple[str, list[str]]], root: str, run_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE="2")
+    for port, (name, extra) in zip(ports, jobs):
+        os.environ["MASTER_PORT"] = str(port)
+        _run(Path(root), Path(run_dir), name, *extra)
+
+
+@pytest.mark.slow
+def test_two_rank_resume_with_managed_tables_equals_uninterrupted(raw_root, tmp_path):
+    """2 gloo ranks (item / user managed and row_wise, query hash table_wise), 600-row item
+    table evicting every day: cut at step 33 (inside day 1) and resumed == uninterrupted,
+    weights, optimizer-visible tables, the mapping and the per-day report included."""
+    shard = ["sharding.constraints={item: row_wise, user: row_wise, query: table_wise}", "checkpoint.every_steps=10"]
+    jobs = [("full2", shard), ("cut2", [*shard, "train.max_steps=33"]), ("cut2", shard)]
+    mp.spawn(_resume_worker, args=([free_port() for _ in jobs], jobs, str(raw_root), str(tmp_path)), nprocs=2,
+             join=True)
+    full, cut = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("full2", "cut2"))
+    assert cut["resumed_from_step"] == 33 and full["world_size"] == cut["world_size"] == 2
+    for k in ("auc", "logloss", "num_train_samples", "id_mapping_days"):
+        assert full[k] == cut[k], k
+    assert sum(d["tables"]["item"]["evicted"] for d in full["id_mapping_days"]) > 0
+    from cdp_rec.training.checkpoint import list_checkpoints, load_unsharded
+
+    a, _ = load_unsharded(list_checkpoints(tmp_path / "full2" / "checkpoints")[-1])
+    b, _ = load_unsharded(list_checkpoints(tmp_path / "cut2" / "checkpoints")[-1])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert any(k.endswith("id_mapper.managed.item._mch_sorted_raw_ids") for k in sa)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
 
@@ -504,16 +677,30 @@ def test_plan_counts_the_mapping_state_per_table_and_rank():
     cfg = load_config(None, [MAPPING])
     report = plan_capacity(cfg, 2, 2)
     t = {x.name: x for x in report.tables}
-    # managed: sorted ids, rows, count, last seen (int64 each) + the fixed small buffers
-    assert t["item"].id_mapping == "managed" and t["item"].mapping_state_bytes == 5000 * 32 + 1029 * 8
-    # history bound: global batch 256 x (item_id + 50 filtered history ids) x interval 1 x 1.25, id + step
-    assert t["item"].mapping_bytes - t["item"].mapping_state_bytes == int(256 * 51 * 1.25) * 16
+    # managed: sorted ids, rows, count, last seen (int64 each) + the fixed small buffers,
+    # + the hash index (2 slots of id + row per row) and the interval's hit count per row
+    assert t["item"].id_mapping == "managed" and t["item"].mapping_state_bytes == 5000 * (32 + 32 + 8) + 1029 * 8
+    # history bound: global batch 256 x (item_id + 50 filtered history ids) x interval 1 x 1.25, id + step,
+    # + the lookup's scratch and output per id
+    assert t["item"].mapping_bytes - t["item"].mapping_state_bytes == int(256 * 51 * 1.25) * 16 + 256 * 51 * 34
     assert t["query"].id_mapping == "hash" and t["query"].mapping_bytes == 500 * 9
     assert t["ctx_hour"].id_mapping == "dense" and t["ctx_hour"].mapping_bytes == 0
     per_rank = sum(x.mapping_bytes for x in report.tables)
     assert all(r.mapping_ddr == per_rank and r.ddr == r.planner_ddr + r.optimizer_ddr + per_rank for r in report.ranks)
     text = format_report(report)
     assert "raw-id mapping (features.id_mapping)" in text and "ids item             managed  4,999 ids max" in text
+
+
+def test_a_mapping_that_cannot_fit_fails_before_training_naming_the_table():
+    """Each rank holds the whole mapping: a managed table too large for a rank's memory is
+    refused by the start-up check of a sharded run (the same as ``cdp-rec plan``), naming it."""
+    from cdp_rec.training.trainer import preflight_capacity
+    from embeddings.capacity import CapacityError
+
+    cfg = load_config(None, ["features.id_mapping={item: managed, query: hash}", "features.num_items=40000000",
+                             "sharding.ddr_gb=4"])
+    with pytest.raises(CapacityError, match=r"raw-id mapping [\d.]+ GiB on every rank.*item managed [\d.]+ GiB"):
+        preflight_capacity(cfg, 2, 2)
 
 
 def test_joined_layout_gives_the_same_raw_ids_as_rows(tmp_path):

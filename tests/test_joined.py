@@ -359,7 +359,7 @@ def test_training_on_the_joined_layout(tmp_path):
 
     cfg = load_config(None, [f"data.root={tmp_path / 'data'}", "data.layout=joined", "data.samples_per_day=2000",
                              "data.num_user_buckets=4", "model.name=base", f"train.run_dir={tmp_path / 'runs'}",
-                             "train.progress=false", "checkpoint.at_day_end=false"])
+                             "train.progress=false", "checkpoint.at_day_end=false", "train.epochs=1"])
     result = train(cfg, tmp_path / "data")  # generated (joined) because the root is missing
     assert (tmp_path / "data" / J.LAYOUT_FILE).is_file()
     held_out = result.metrics["validation"][-1]["num_samples"]  # data.valid_fraction of day 1

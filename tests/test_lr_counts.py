@@ -135,11 +135,39 @@ def test_pair_table_is_bucketed():
     assert model.clicks_user_category.shape == (1 << 22,)
 
 
-def test_refuses_distributed_runs(monkeypatch):
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
-    with pytest.raises(ConfigError, match="lr_counts is single-process only"):
-        build_model(tiny_cfg())
+def test_data_dependent_code_sits_behind_a_parameter_free_leaf():
+    """TorchRec's pipeline traces ``forward`` with ``stage`` as a leaf: only the EBC call is traced."""
+    from torchrec.distributed.train_pipeline.tracing import Tracer
+
+    model = build_model(tiny_cfg())
+    assert not list(model.stage.parameters()) and not list(model.stage.buffers())
+    assert not any(k.startswith("stage.") for k in model.state_dict())
+    graph = Tracer(leaf_modules=["stage", "ebc"]).trace(model)
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    assert calls == ["ebc", "stage"], calls
+
+
+def test_one_process_steps_gather_nothing():
+    from cdp_rec.models.lr_counts import gather_step, step_rows
+
+    rows = step_rows(random_batch(tiny_cfg(), batch=8, seed=3))
+    assert gather_step(rows) is rows  # no process group: the step is this batch
+
+
+def test_dim_one_tables_plan_data_parallel_and_refuse_model_parallel_constraints():
+    """fbgemm's fused EBC kernels need 4k columns per shard: the dim-1 one-hot weights are data-parallel."""
+    from embeddings.sharding import plan_with_estimates
+
+    cfg = tiny_cfg()
+    planned = plan_with_estimates(cfg, build_model(cfg, device="meta"), 2, 2, "cpu")
+    kinds = {t: ps.sharding_type for module in planned.plan.plan.values() for t, ps in module.items()}
+    assert kinds and set(kinds) == {f"ctx_{c}" for c in cfg.features.context_features} | \
+        {f"scene_{c}" for c in cfg.features.scene_features}
+    assert set(kinds.values()) == {"data_parallel"}, kinds
+    cfg.sharding.constraints = {"ctx_hour": "row_wise"}
+    with pytest.raises(ConfigError, match=r"sharding\.constraints\.ctx_hour: row_wise needs a dim divisible by 4.*"
+                                          r"table 'ctx_hour' has dim 1: use data_parallel"):
+        plan_with_estimates(cfg, build_model(cfg, device="meta"), 2, 2, "cpu")
 
 
 def test_learns_on_tiny_data(tmp_path):
@@ -149,7 +177,7 @@ def test_learns_on_tiny_data(tmp_path):
     cfg = load_config(None, [
         "model.name=lr_counts", "data.samples_per_day=10000", "data.rows_per_file=10000",
         "data.row_group_size=5000", "train.batch_size=512", "train.dense_lr=0.003", "train.sparse_lr=0.01",
-        "train.progress=false", "checkpoint.at_day_end=false", f"train.run_dir={tmp_path / 'runs'}",
+        "train.progress=false", "checkpoint.at_day_end=false", f"train.run_dir={tmp_path / 'runs'}", "train.epochs=1",
     ])
     generate_dataset(cfg, tmp_path / "data")
     m = train(cfg, tmp_path / "data").metrics

@@ -136,7 +136,7 @@ def test_resume_never_moves_an_older_runs_checkpoints_aside(small_data, tmp_path
     from cdp_rec.training.checkpoint import list_checkpoints
     from cdp_rec.training.trainer import train
 
-    base = [*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}", "train.run_name=r",
+    base = [*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}", "train.run_name=r", "train.epochs=1",
             "train.progress=false", "train.batch_size=128", "checkpoint.every_steps=5", "checkpoint.keep_last=2"]
     old = train(load_config(None, [*base, "train.epochs=2"])).metrics
     ckpts = tmp_path / "r" / "checkpoints"

@@ -25,7 +25,9 @@ def tiny_root(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["cdp", "base"])
 def test_tiny_training_learns(model, tiny_root, tmp_path):
-    cfg = load_config(None, [f"model.name={model}", f"train.run_dir={tmp_path}", "train.progress=false"])
+    # One epoch: a learning check of the mechanics (the default is up to 10, early-stopped).
+    cfg = load_config(None, [f"model.name={model}", f"train.run_dir={tmp_path}", "train.progress=false",
+                             "train.epochs=1"])
     result = train(cfg, tiny_root)
     m = json.loads((result.run_dir / "metrics.json").read_text())
     assert m["model"] == model and m["config_hash"] == cfg.hash()

@@ -354,8 +354,10 @@ class JoinedBatchReader(ParquetBatchReader):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        dedup_requests: bool = False,
     ) -> None:
-        super().__init__([], features, batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
+        super().__init__([], features, batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
+                         dedup_requests=dedup_requests)
         self.root = Path(root)
         layout = read_layout(self.root)
         if layout is None:
@@ -530,8 +532,10 @@ def open_reader(
             f"data.layout={on_disk} or convert it: cdp-rec convert --src {root} --dst DIR --to {cfg.data.layout}"
         )
     if cfg.data.layout == "joined":
-        return JoinedBatchReader(root, day_list, cfg.features, batch_size, rank=rank, world_size=world_size)
+        return JoinedBatchReader(root, day_list, cfg.features, batch_size, rank=rank, world_size=world_size,
+                                 dedup_requests=cfg.data.dedup_requests)
     if cfg.data.layout == "rows":
         files = dataset_files(root, day_list, allow_empty=cfg.data.allow_empty_days)
-        return ParquetBatchReader(files, cfg.features, batch_size, rank=rank, world_size=world_size)
+        return ParquetBatchReader(files, cfg.features, batch_size, rank=rank, world_size=world_size,
+                                  dedup_requests=cfg.data.dedup_requests)
     raise ConfigError(f"data.layout must be one of ['rows', 'joined'], got {cfg.data.layout!r}")

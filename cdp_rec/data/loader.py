@@ -14,11 +14,22 @@ than a crash at step 0.
 This reads the per-row layout; :mod:`cdp_rec.data.joined` reads the joined one with the
 same validation helpers and batching (its reader subclasses :class:`ParquetBatchReader`),
 and :func:`cdp_rec.data.joined.open_reader` picks by ``data.layout``.
+
+Request-level deduplication (``dedup_requests``, ``data.dedup_requests``): the 4-12
+impressions of a request are consecutive rows that carry the same history. A row whose
+``request_id`` equals the previous row's and whose history is identical to it (checked,
+never assumed: an imported request spans several timestamps, so its histories may
+differ) keeps no copy of it; ``Batch.history_row`` points every row at the row that holds
+its history. The KJT keeps its keys and its stride ``B`` (so every EmbeddingBagCollection,
+DistributedModelParallel and the training pipeline take it unchanged); the history
+features just have empty bags at the rows that share. See :func:`share_histories` and
+:func:`expand_histories`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -42,6 +53,7 @@ from cdp_rec.data.schema import (
     Batch,
     day_dir_name,
     id_ranges,
+    is_sequence_feature,
     table_schema,
 )
 from cdp_rec.data.spec import DATASET_SPEC_FILE, MODEL_SIDE_FEATURE_KEYS
@@ -241,6 +253,7 @@ class ParquetBatchReader:
             disjoint files. Ranks may then get different numbers of batches; a
             distributed loop must agree on a common step count.
         drop_last: drop the final batch if it has fewer than ``B`` rows.
+        dedup_requests: emit each shared history once per batch (module docstring).
 
     Each iteration re-reads the files from the start (one pass per ``iter()``).
     """
@@ -253,6 +266,7 @@ class ParquetBatchReader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        dedup_requests: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -262,6 +276,7 @@ class ParquetBatchReader:
         self.features = features
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.dedup_requests = dedup_requests
         self._schema = table_schema(features)
         self._ranges = id_ranges(features)
         self._single_cols = [f.name for f in self._schema if not pa.types.is_list(f.type)]
@@ -379,8 +394,18 @@ class ParquetBatchReader:
         """``_Columns`` of ``B`` rows -> Batch (KJT values key-major, as torchrec expects)."""
         B = len(cols)
         hist_len = np.diff(cols.offsets)
+        history_row = None
+        items, cats = [cols.hist_items], [cols.hist_cats]
+        if self.dedup_requests:
+            rows = shared_history_rows(cols.single["request_id"], cols.offsets, cols.hist_items, cols.hist_cats)
+            if (rows != np.arange(B)).any():
+                history_row = torch.from_numpy(rows)
+                ranges = _own_history_ranges(rows, cols.offsets)
+                items = [cols.hist_items[lo:hi] for lo, hi in ranges]
+                cats = [cols.hist_cats[lo:hi] for lo, hi in ranges]
+                hist_len = np.where(rows == np.arange(B), hist_len, 0)
         values = np.concatenate(
-            [cols.single[k] for k in self._keys] + [cols.hist_items, cols.hist_cats]
+            [cols.single[k] for k in self._keys] + items + cats
         ).astype(np.int64, copy=False)
         lengths = np.concatenate(
             [np.ones(B * len(self._keys), dtype=np.int64), hist_len, hist_len]
@@ -396,7 +421,121 @@ class ParquetBatchReader:
             # Copies: Arrow-backed arrays are read-only, and torch wants writable memory.
             user_ids=torch.from_numpy(np.array(cols.single["user_id"], dtype=np.int64)),
             request_ids=torch.from_numpy(np.array(cols.single["request_id"], dtype=np.int64)),
+            history_row=history_row,
         )
+
+
+# --------------------------------------------------------------------------- request-level deduplication
+
+
+def shared_history_rows(
+    request_ids: np.ndarray, offsets: np.ndarray, hist_items: np.ndarray, hist_cats: np.ndarray
+) -> np.ndarray:
+    """``[B]`` int64: the row whose history each row can share (itself when none).
+
+    Row ``b`` shares row ``b - 1``'s history (and so that row's own) when both have the
+    same ``request_id`` and identical ``hist_item_ids`` and ``hist_category_ids``; anything
+    else keeps its own. Args: ``[B]`` request ids, ``[B + 1]`` history offsets from 0, the
+    ``[N]`` flat history values.
+
+    A run of consecutive rows of one request with equal lengths ``L`` is one block of the
+    flat values; the block without its first row equals the block without its last exactly
+    when every row equals the one before, so one comparison of two slices per run and
+    column checks it (row by row only when that fails). No ``[N]`` temporary is built.
+    """
+    n = len(request_ids)
+    lengths = np.diff(offsets)
+    same = np.zeros(n, dtype=bool)
+    if n > 1:
+        same[1:] = (request_ids[1:] == request_ids[:-1]) & (lengths[1:] == lengths[:-1])
+    cand = np.flatnonzero(same)
+    if cand.size:
+        cut = np.flatnonzero(np.diff(cand) != 1) + 1
+        for run in np.split(cand, cut):  # rows run[0] - 1 .. run[-1], one request, equal lengths
+            a, e = int(run[0]), int(run[-1]) + 1
+            width = int(lengths[a])
+            lo, hi = int(offsets[a - 1]), int(offsets[e])
+            if width == 0:
+                continue
+            for flat in (hist_items, hist_cats):
+                if not np.array_equal(flat[lo + width:hi], flat[lo:hi - width]):
+                    block = flat[lo:hi].reshape(e - a + 1, width)
+                    same[a:e] &= (block[1:] == block[:-1]).all(axis=1)
+    own = np.where(same, 0, np.arange(n, dtype=np.int64))
+    return np.maximum.accumulate(own) if n else own
+
+
+def _own_history_ranges(rows: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Flat ``[lo, hi)`` ranges of the histories the rows keep (``rows[b] == b``), merged where adjacent."""
+    keep = np.flatnonzero(rows == np.arange(len(rows)))
+    if not keep.size:
+        return []
+    cut = np.flatnonzero(np.diff(keep) != 1) + 1
+    return [(int(offsets[r[0]]), int(offsets[r[-1] + 1])) for r in np.split(keep, cut)]
+
+
+def share_histories(batch: Batch) -> Batch:
+    """``batch`` (every row with its own history) in the deduplicated form the reader emits
+    with ``dedup_requests``: rows sharing a request's identical history keep one copy and
+    ``history_row`` points to it. For batches built outside the reader (benchmarks, tests)."""
+    if batch.history_row is not None:
+        return batch
+    kjt = batch.sparse
+    jt = kjt.to_dict()
+    hist_lengths = jt[HIST_ITEMS].lengths().to(torch.int64)
+    offsets = np.zeros(len(batch) + 1, dtype=np.int64)
+    np.cumsum(hist_lengths.numpy(), out=offsets[1:])
+    rows = shared_history_rows(batch.request_ids.numpy(), offsets, jt[HIST_ITEMS].values().numpy(),
+                               jt[HIST_CATEGORIES].values().numpy())
+    if (rows == np.arange(len(batch))).all():
+        return batch
+    own = torch.from_numpy(rows == np.arange(len(batch)))
+    ranges = _own_history_ranges(rows, offsets)
+    values, lengths = [], []
+    for key in kjt.keys():
+        v, n = jt[key].values(), jt[key].lengths().to(torch.int64)
+        if key in (HIST_ITEMS, HIST_CATEGORIES):
+            v = torch.cat([v[lo:hi] for lo, hi in ranges]) if ranges else v[:0]
+            n = torch.where(own, n, torch.zeros_like(n))
+        values.append(v)
+        lengths.append(n)
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    return dataclasses.replace(batch, sparse=sparse, history_row=torch.from_numpy(rows))
+
+
+def expand_histories(batch: Batch) -> Batch:
+    """``batch`` with every row holding its own history again (``history_row`` None).
+
+    The jagged sequence features (``hist_*``, ``seq_*``) of row ``b`` become those of row
+    ``history_row[b]``; the rest is unchanged. For models that read per-row histories.
+    """
+    if batch.history_row is None:
+        return batch
+    kjt = batch.sparse
+    src = batch.history_row.to(torch.int64)
+    values, lengths = [], []
+    for key, jt in kjt.to_dict().items():
+        v, n = jt.values(), jt.lengths().to(torch.int64)
+        if is_sequence_feature(key):
+            n, v = gather_bags(n, src, v)
+        values.append(v)
+        lengths.append(n)
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    return dataclasses.replace(batch, sparse=sparse, history_row=None)
+
+
+def gather_bags(lengths: torch.Tensor, rows: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Jagged bags ``rows`` (``[K]`` int64, repeats allowed) of jagged ``values`` (``[N]`` each,
+    one ``lengths`` ``[B]``): ``(new_lengths [K], *new_values)``, bag ``i`` = input bag ``rows[i]``."""
+    lengths = lengths.to(torch.int64)
+    starts = torch.cumsum(lengths, 0) - lengths
+    new_lengths = lengths[rows]
+    total = int(new_lengths.sum())
+    new_starts = torch.cumsum(new_lengths, 0) - new_lengths
+    # position j of new bag i reads old position starts[rows[i]] + j
+    index = torch.repeat_interleave(starts[rows] - new_starts, new_lengths, output_size=total)
+    index += torch.arange(total, dtype=torch.int64, device=index.device)
+    return (new_lengths, *(v.index_select(0, index) for v in values))
 
 
 # --------------------------------------------------------------------------- validation

@@ -6,6 +6,7 @@ One row per impression. Context and scene columns come from the feature spec
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -103,12 +104,19 @@ class Batch(Pipelineable):
         labels: ``[B]`` float32 in {0, 1}.
         user_ids: ``[B]`` int64, the UAUC group.
         request_ids: ``[B]`` int64, the GAUC group.
+        history_row: ``[B]`` int64 or None. Set by request-level deduplication
+            (``data.dedup_requests``): sample ``b``'s jagged history features (``hist_*``
+            and what a model derives from them) are those of row ``history_row[b] <= b``,
+            and rows that are not their own ``history_row`` hold empty bags there. None:
+            every row holds its own (:func:`cdp_rec.data.loader.expand_histories` turns
+            one form into the other).
     """
 
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     user_ids: torch.Tensor
     request_ids: torch.Tensor
+    history_row: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -120,11 +128,19 @@ class Batch(Pipelineable):
         dicts = [b.sparse.to_dict() for b in batches]
         values = torch.cat([d[k].values() for k in keys for d in dicts])
         lengths = torch.cat([d[k].lengths().to(torch.int64) for k in keys for d in dicts])
+        history_row = None
+        if any(b.history_row is not None for b in batches):  # row indices shift by the rows before
+            starts = [0, *itertools.accumulate(len(b) for b in batches)]
+            history_row = torch.cat([
+                (b.history_row if b.history_row is not None else torch.arange(len(b))) + start
+                for b, start in zip(batches, starts)
+            ])
         return Batch(
             sparse=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
             labels=torch.cat([b.labels for b in batches]),
             user_ids=torch.cat([b.user_ids for b in batches]),
             request_ids=torch.cat([b.request_ids for b in batches]),
+            history_row=history_row,
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -133,6 +149,8 @@ class Batch(Pipelineable):
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             request_ids=self.request_ids.to(device=device, non_blocking=non_blocking),
+            history_row=None if self.history_row is None else self.history_row.to(device=device,
+                                                                                  non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -140,6 +158,8 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         self.user_ids.record_stream(stream)
         self.request_ids.record_stream(stream)
+        if self.history_row is not None:
+            self.history_row.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(
@@ -147,6 +167,7 @@ class Batch(Pipelineable):
             labels=self.labels.pin_memory(),
             user_ids=self.user_ids.pin_memory(),
             request_ids=self.request_ids.pin_memory(),
+            history_row=None if self.history_row is None else self.history_row.pin_memory(),
         )
 
 

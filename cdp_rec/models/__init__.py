@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from cdp_rec.config import ConfigError, JobConfig
+from cdp_rec.data.loader import expand_histories
 from cdp_rec.models.base import BaseModel
 from cdp_rec.models.cdp import CDPModel
 from cdp_rec.models.ddrm import DDRMModel
@@ -80,5 +82,27 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> nn.Module
         cls = MODELS[cfg.model.name]
     except KeyError:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}") from None
+    model = cls(cfg, device)
+    if cfg.data.dedup_requests:
+        expand_shared_histories(model)
     # Hash / managed tables (features.id_mapping): raw ids -> rows at the end of prepare_batch.
-    return attach_id_mapping(cls(cfg, device), cfg, device)
+    return attach_id_mapping(model, cfg, device)
+
+
+def expand_shared_histories(model: nn.Module) -> nn.Module:
+    """Let ``model`` take request-deduplicated batches (``data.dedup_requests``).
+
+    Models that use the shared history as it is say so (``reads_shared_histories``: CDP
+    and base); every other model's ``prepare_batch`` first gets each row's own history
+    back (:func:`cdp_rec.data.loader.expand_histories`), so it sees what it always saw.
+    """
+    if getattr(model, "reads_shared_histories", False):
+        return model
+    inner = model.prepare_batch
+
+    def prepare_batch(batch: Any) -> Any:
+        return inner(expand_histories(batch))
+
+    prepare_batch.__doc__ = f"Request-deduplicated histories expanded per row, then:\n\n{inner.__doc__ or ''}"
+    model.prepare_batch = prepare_batch  # type: ignore[method-assign]
+    return model

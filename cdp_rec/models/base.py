@@ -23,7 +23,11 @@ class BaseModel(nn.Module):
     """``forward(batch) -> (loss, {"logits": [B], "bce": []})``.
 
     Returns ``(loss, output)`` because TorchRec's TrainPipelineSparseDist expects it.
+    Takes request-deduplicated batches as they are (``Batch.history_row``): the history is
+    looked up and pooled once per request, and each impression takes its request's row.
     """
+
+    reads_shared_histories = True
 
     def __init__(self, cfg: JobConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -38,7 +42,10 @@ class BaseModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
         emb = self.ebc(batch.sparse).to_dict()
-        x = torch.cat([emb[k] for k in self.single_features] + [emb[HIST_ITEMS]], dim=-1)
+        history = emb[HIST_ITEMS]  # [B, D]; with history_row only the rows that hold a history are pooled
+        if batch.history_row is not None:
+            history = history.index_select(0, batch.history_row)
+        x = torch.cat([emb[k] for k in self.single_features] + [history], dim=-1)
         logits = self.ranker(x)
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
         return bce, {"loss": bce.detach(), "logits": logits.detach(), "bce": bce.detach()}

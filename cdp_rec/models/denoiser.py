@@ -52,7 +52,9 @@ class MLPDenoiser(nn.Module):
         self.net = mlp(dim + time_dim + condition_dim, hidden, dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """x_t ``[B, D]``, t ``[B]`` int64, c ``[B, C]`` or None -> ε̂ ``[B, D]``."""
+        """x_t ``[B, D]``, t ``[B]`` int64 (or 0-d: one step for all), c ``[B, C]`` or None -> ε̂ ``[B, D]``."""
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
         if self.time_table is not None:
             t_emb = self.time_table(t)
         else:
@@ -65,7 +67,7 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat(parts, dim=-1))
 
     def bind(self, c: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``denoise_fn(x_t [B, D], t [B]) -> ε̂ [B, D]`` for a fixed condition ``c`` ``[B, C]``.
+        """``denoise_fn(x_t [B, D], t [B] or 0-d) -> ε̂ [B, D]`` for a fixed condition ``c`` ``[B, C]``.
 
         The same function as :meth:`forward` (the reference; parity is tested), cheaper
         when called many times with one ``c``, as the 20-step reverse process does: the
@@ -73,7 +75,9 @@ class MLPDenoiser(nn.Module):
         W_t t_emb``; the condition term is computed once per batch and the time term
         once per schedule step (a ``[num_steps, H]`` table indexed by ``t``), so each
         call multiplies only ``x_t`` (``D`` columns instead of ``D + T + C``). About a
-        third fewer FLOPs per denoiser call at the default sizes.
+        third fewer FLOPs per denoiser call at the default sizes. A 0-d ``t`` (the reverse
+        sampler's: one step for the whole batch) adds one ``[H]`` row of that table instead
+        of gathering ``[B, H]``; the sums are the same, element for element.
         """
         if self.condition_dim and c is None:
             raise ValueError("this denoiser was built with a condition; got c=None")

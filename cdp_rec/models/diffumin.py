@@ -30,9 +30,11 @@ Simplifications to fit here (the full paper and its code were not available):
 * the channel construction (linear projections + Gram-Schmidt), the soft assignment and
   the contextual-interest MLP are our reading of the abstract, not the paper's equations;
 * the diffusion uses the project's schedule, sampler and MLP denoiser (shared with CDP);
-  the noise MSE and the InfoNCE skip samples with an empty history;
-* single-process only for now (one EBC + an EmbeddingCollection for the item and
-  category tables, which the sharding code does not plan yet).
+  the noise MSE and the InfoNCE skip samples with an empty history.
+
+Sharded like every model (:mod:`embeddings.sharding` plans the EBC and the item /
+category EmbeddingCollection); like CDP, each rank draws its own diffusion noise, so a
+2-rank run is a different random draw from a 1-rank run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchrec import JaggedTensor, KeyedTensor
 
 from cdp_rec.config import ConfigError, JobConfig
 from cdp_rec.data.schema import Batch
@@ -113,10 +116,12 @@ class DiffuMINModel(SequenceCTRModel):
         interests = torch.einsum("blk,bld->bkd", assign, behaviours) / weight[..., None]
         return interests, assign
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
-        """``batch`` must come from :meth:`prepare_batch`."""
-        emb = self.ebc(batch.sparse).to_dict()
-        look = self.lookup(batch.sparse)
+    def interact(
+        self, pooled: KeyedTensor, jts: dict[str, JaggedTensor], batch: Batch
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """After the lookups of :meth:`SequenceCTRModel.forward` (``batch`` from :meth:`prepare_batch`)."""
+        emb = pooled.to_dict()
+        look = self.behaviours(jts)
         target, behaviours, mask, counts = look.target, look.keys, look.mask, look.counts
         b, k = target.shape[0], self.num_interests
         channels = self.channels(target)

@@ -3,6 +3,18 @@
 Indices are 0-based: step ``t`` in ``[0, T)`` has ``ᾱ_t = Π_{s<=t} (1 - β_s)``, so
 "noise to step 20" is ``t = 19``. The denoiser predicts the noise ε (paper eq. 11);
 ``x̂0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``.
+
+Skip-step sampling (``sample_steps = K``): the denoiser runs at K of the sampler's
+``inference_steps`` steps, evenly strided with the first and the last kept. Between two
+kept steps ``t > s`` the posterior sampler takes the posterior mean of the *respaced*
+process (Nichol & Dhariwal's respacing; also DDIM's η = 1 update without its noise):
+``q(x_s | x_t, x̂0)`` with ``ᾱ_{t|s} = ᾱ_t / ᾱ_s`` and ``β_{t|s} = 1 - ᾱ_{t|s}``, so
+
+    x_s = β_{t|s} sqrt(ᾱ_s) / (1 - ᾱ_t) · x̂0 + (1 - ᾱ_s) sqrt(ᾱ_{t|s}) / (1 - ᾱ_t) · x_t.
+
+A unit stride uses the schedule's own ``β_t`` and ``1 - β_t``, so K = ``inference_steps``
+is the plain posterior sampler bit for bit (tests/test_sampler.py keeps a copy of the
+original loop as the reference). The DDIM sampler (η = 0) takes arbitrary strides as is.
 """
 
 from __future__ import annotations
@@ -45,6 +57,18 @@ class GaussianDiffusion(nn.Module):
             "posterior_coef_xt": (1 - ab_prev) * alphas.sqrt() / (1 - ab),
         }.items():
             self.register_buffer(name, value.float(), persistent=False)
+        self.steps = sampler_steps(cfg)
+        # Per transition steps[i] -> steps[i + 1] (float64 math as above, then float32).
+        t_now = torch.tensor(self.steps[:-1], dtype=torch.long)
+        t_next = torch.tensor(self.steps[1:], dtype=torch.long)
+        unit = t_now - t_next == 1
+        ab_t, ab_s = ab[t_now], ab[t_next]
+        alpha = torch.where(unit, alphas[t_now], ab_t / ab_s)
+        beta = torch.where(unit, betas[t_now], 1.0 - ab_t / ab_s)
+        # Written exactly like posterior_coef_* above: for unit strides the same float64 ops
+        # on the same inputs, hence the same float32 coefficients.
+        self.register_buffer("step_coef_x0", (beta * ab_s.sqrt() / (1 - ab_t)).float(), persistent=False)
+        self.register_buffer("step_coef_xt", ((1 - ab_s) * alpha.sqrt() / (1 - ab_t)).float(), persistent=False)
 
     @property
     def num_steps(self) -> int:
@@ -88,26 +112,28 @@ class GaussianDiffusion(nn.Module):
 
         ``posterior``: steps K-1, ..., 0 with posterior means (K = inference_steps,
         one denoiser call per step). ``ddim``: η = 0 DDIM over K steps strided across
-        the full schedule.
+        the full schedule. With ``sample_steps`` only those of the steps (:attr:`steps`),
+        respaced as in the module docstring.
+
+        ``denoise_fn`` gets ``t`` as a 0-d int64 tensor (one step for the whole batch),
+        so a bound denoiser adds its time term as one ``[H]`` row instead of gathering
+        ``[B, H]``. The condition is whatever ``denoise_fn`` was bound to: computed once
+        per sample, before the loop, never per step.
         """
-        if self.cfg.sampler == "posterior":
-            steps = list(range(self.cfg.inference_steps - 1, -1, -1))
-        else:
-            steps = torch.linspace(self.num_steps - 1, 0, self.cfg.inference_steps).round().long().tolist()
         x = x_start
-        batch = x.shape[0]
         x0_hat = x
-        for i, step in enumerate(steps):
-            t = torch.full((batch,), step, dtype=torch.long, device=x.device)
+        last = len(self.steps) - 1
+        for i, step in enumerate(self.steps):
+            t = torch.tensor(step, dtype=torch.long, device=x.device)
             eps = denoise_fn(x, t)
-            x0_hat = self.predict_x0(x, t, eps)
-            if i == len(steps) - 1:
+            x0_hat = (x - self.sqrt_one_minus_ab[step] * eps) / self.sqrt_ab[step]  # predict_x0 at one step
+            if i == last:
                 break
             if self.cfg.sampler == "posterior":
-                x = self.posterior_mean(x0_hat, x, t)
+                x = self.step_coef_x0[i] * x0_hat + self.step_coef_xt[i] * x
             else:
-                t_prev = torch.full_like(t, steps[i + 1])
-                x = self._at(self.sqrt_ab, t_prev) * x0_hat + self._at(self.sqrt_one_minus_ab, t_prev) * eps
+                s = self.steps[i + 1]
+                x = self.sqrt_ab[s] * x0_hat + self.sqrt_one_minus_ab[s] * eps
         return x0_hat
 
     def denoise_pass(
@@ -130,3 +156,24 @@ class GaussianDiffusion(nn.Module):
         if self.cfg.train_x0 == "one_step":
             return self.predict_x0(x_t, t, eps), mse
         return self.reverse(self.start_state(x0), denoise_fn), mse
+
+
+def sampler_steps(cfg: DiffusionConfig) -> list[int]:
+    """Steps at which the reverse sampler calls the denoiser, descending (ending at 0 unless K = 1).
+
+    The sampler's own steps (``posterior``: ``inference_steps - 1, ..., 0``; ``ddim``:
+    ``inference_steps`` steps strided over ``[num_steps - 1, 0]``), then, with
+    ``sample_steps = K``, the K of them at evenly rounded positions ``i (n - 1) / (K - 1)``
+    (the first and the last always; K = 1 keeps the first alone).
+    """
+    if cfg.sampler == "posterior":
+        steps = list(range(cfg.inference_steps - 1, -1, -1))
+    else:
+        steps = torch.linspace(cfg.num_steps - 1, 0, cfg.inference_steps).round().long().tolist()
+    n, k = len(steps), cfg.sample_steps or len(steps)
+    if k >= n:
+        return steps
+    if k == 1:
+        return steps[:1]
+    # round(i (n - 1) / (k - 1)) in integers, half up: strictly increasing since the stride is >= 1.
+    return [steps[(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1))] for i in range(k)]

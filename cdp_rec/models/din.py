@@ -15,13 +15,14 @@ Simplifications to fit here:
 * a behaviour (and the target) is the *sum* of its item and category embeddings (DIN
   concatenates goods / category / shop embeddings); no shop-like side feature exists;
 * the target and the behaviours share the unpooled ``item`` / ``category`` tables of a
-  TorchRec EmbeddingCollection, the other features the pooled EBC; single-process only
-  for now (the sharding code plans one EBC and no EmbeddingCollection).
+  TorchRec EmbeddingCollection, the other features the pooled EBC; both are sharded
+  (:mod:`embeddings.sharding`).
 """
 
 from __future__ import annotations
 
 import torch
+from torchrec import JaggedTensor, KeyedTensor
 
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import Batch
@@ -47,9 +48,11 @@ class DINModel(SequenceCTRModel):
         """Append the last ``attention_len`` behaviours as ``seq_item_ids`` / ``seq_category_ids``."""
         return with_behaviours(batch, *recent_behaviours(batch, self.seq_len))
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
-        """``batch`` must come from :meth:`prepare_batch`."""
-        emb = self.ebc(batch.sparse).to_dict()
-        look = self.lookup(batch.sparse)
+    def interact(
+        self, pooled: KeyedTensor, jts: dict[str, JaggedTensor], batch: Batch
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """After the lookups of :meth:`SequenceCTRModel.forward` (``batch`` from :meth:`prepare_batch`)."""
+        emb = pooled.to_dict()
+        look = self.behaviours(jts)
         interest, weights = self.attention(look.target, look.keys, look.mask)
         return self.head(emb, look, interest, batch.labels, attention=weights)

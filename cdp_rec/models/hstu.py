@@ -22,9 +22,10 @@ Simplifications to fit here:
   relative position ``pos_i - pos_j`` clipped to ``attention_len``;
 * a token is the sum of its item and category embeddings;
 * tiny size (``num_layers`` blocks of width ``embedding_dim``), dense attention over
-  the padded ``[B, L+1]`` window instead of HSTU's jagged kernels;
-* single-process only for now (one EBC + an EmbeddingCollection for the item and
-  category tables, which the sharding code does not plan yet).
+  the padded ``[B, L+1]`` window instead of HSTU's jagged kernels.
+
+Sharded like every model (:mod:`embeddings.sharding` plans the EBC and the item /
+category EmbeddingCollection).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchrec import JaggedTensor, KeyedTensor
 
 from cdp_rec.config import ConfigError, JobConfig
 from cdp_rec.data.schema import Batch
@@ -118,10 +120,12 @@ class HSTUModel(SequenceCTRModel):
         causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=mask.device).tril()
         return valid[:, :, None] & valid[:, None, :] & causal
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
-        """``batch`` must come from :meth:`prepare_batch`."""
-        emb = self.ebc(batch.sparse).to_dict()
-        look = self.lookup(batch.sparse)
+    def interact(
+        self, pooled: KeyedTensor, jts: dict[str, JaggedTensor], batch: Batch
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """After the lookups of :meth:`SequenceCTRModel.forward` (``batch`` from :meth:`prepare_batch`)."""
+        emb = pooled.to_dict()
+        look = self.behaviours(jts)
         n = self.seq_len + 1
         allowed = self.token_layout(look.mask).to(look.target.dtype) / n  # HSTU's 1/n
         x = torch.cat([look.keys, look.target[:, None, :]], dim=1)

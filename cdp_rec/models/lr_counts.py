@@ -17,19 +17,31 @@ the one-hot part of a logistic regression). Logit = linear(10 count features) + 
 context / scene weights.
 
 Streaming and leak-free: the count tables are buffers, updated in ``forward`` *after* the
-batch is scored and only in training mode, so the features of a training impression
-come from strictly earlier batches of the training stream (never from its own batch,
+step is scored and only in training mode, so the features of a training impression
+come from strictly earlier steps of the training stream (never from its own step,
 its own label or anything later); in eval mode (validation, test) they use the counts
-of every training batch seen and nothing is updated. Being buffers, the counts are in
+of every training step seen and nothing is updated. Being buffers, the counts are in
 the checkpoints, so a resumed run continues with the same tables.
 
+Distributed: the counts are global, the same on every rank. A training step first
+all-gathers every rank's ids and labels (rank 0's rows first), scores this rank's
+impressions from the counts of the earlier *global* steps, then adds the whole global
+step to the counts. "Earlier" therefore means an earlier step, never another rank's half
+of the same step: N ranks compute exactly what one process computes when fed each
+step's N batches concatenated in rank order (with one process, a step is its batch,
+as before). The data-dependent code (count lookups, the pass check, the update and its
+collective) runs in :meth:`LRCountsModel.interact` behind a parameter-free leaf module
+(:class:`~cdp_rec.models.sequence.EagerStage`), which TorchRec's TrainPipelineSparseDist
+does not trace; ``forward`` only calls the EmbeddingBagCollection, which is sharded like
+every model's.
+
 Several epochs: a second pass over the same stream would see its own labels in the
-counts. The model recognises the start of a new pass when the first training batch it
-counted comes again (a fingerprint of its request ids, item ids and labels, kept in a
-buffer) and then restarts the counts, so every pass computes exactly the first pass's
-features (ordered target statistics) and the final counts are one pass over the
-training data. A reader that reshuffled batches between epochs would defeat the
-fingerprint; the trainer reads the days in the same order every epoch.
+counts. The model recognises the start of a new pass when the first training step it
+counted comes again (a fingerprint of the global step's request ids, item ids and
+labels, kept in a buffer) and then restarts the counts, so every pass computes exactly
+the first pass's features (ordered target statistics) and the final counts are one pass
+over the training data. A reader that reshuffled batches between epochs would defeat
+the fingerprint; the trainer reads the days in the same order every epoch.
 
 Simplifications to fit here:
 
@@ -40,35 +52,81 @@ Simplifications to fit here:
   ``min(num_users * num_categories, 2**22)`` buckets, indexed by
   ``(user * num_categories + category) % buckets``;
 * no time decay of the counts (a 60-day stream would want one);
-* single-process only: the counts would need an all-reduce across ranks per step, and
-  the sharding code plans embedding tables, not count buffers.
+* every rank holds the full count tables (replicated buffers, not sharded: 10 float64
+  values per bucket) and gathers 6 int64 per impression of the global batch per step.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torchrec import KeyedTensor
 
-from cdp_rec.config import ConfigError, JobConfig
+from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import Batch
 from cdp_rec.models.base import ModelOutput
+from cdp_rec.models.sequence import EagerStage
 from embeddings.tables import build_embedding_bag_collection, table_specs
 
 PAIR_BUCKETS_MAX = 1 << 22
 # Count keys in feature order: name -> KJT feature(s).
 COUNT_KEYS = ("user", "item", "query", "category", "user_category")
+ID_KEYS = ("user", "item", "query", "category")  # KJT ``<key>_id`` features the counts read
 _MIX = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # fingerprint multipliers (odd 32-bit)
 
 
-def batch_fingerprint(batch: Batch) -> torch.Tensor:
-    """A 64-bit fingerprint ``[]`` int64 of a batch's request ids, item ids and labels."""
-    n = batch.labels.numel()
-    pos = torch.arange(1, n + 1, dtype=torch.int64)
-    items = batch.sparse["item_id"].values().to(torch.int64)
-    h = (batch.request_ids.to(torch.int64) * _MIX[0] + items * _MIX[1] + batch.labels.to(torch.int64) * _MIX[2]) \
+class StepRows(NamedTuple):
+    """The impressions of one training step: ``[N]`` each (all ranks' rows when gathered)."""
+
+    ids: dict[str, torch.Tensor]  # ID_KEYS -> int64 ids as in the batch
+    request_ids: torch.Tensor  # int64
+    labels: torch.Tensor  # float64
+
+
+def step_rows(batch: Batch) -> StepRows:
+    """This rank's batch as :class:`StepRows`."""
+    ids = {k: batch.sparse[f"{k}_id"].values().to(torch.int64) for k in ID_KEYS}
+    return StepRows(ids, batch.request_ids.to(torch.int64), batch.labels.to(torch.float64))
+
+
+def gather_step(rows: StepRows) -> StepRows:
+    """Every rank's rows of the step, rank 0's first (collective; ``rows`` itself without
+    a process group of 2 or more). Ranks may hold different numbers of rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    # One int64 matrix [B, 6]: ids, request id, and the label's float64 bits (exact for any label).
+    cols = torch.stack([*(rows.ids[k] for k in ID_KEYS), rows.request_ids, rows.labels.view(torch.int64)], dim=1)
+    world = dist.get_world_size()
+    n = torch.tensor([cols.shape[0]], dtype=torch.int64, device=cols.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(x) for x in sizes]
+    padded = cols.new_zeros((max(counts), cols.shape[1]))  # all_gather wants equal shapes
+    padded[: cols.shape[0]] = cols
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    full = torch.cat([p[:c] for p, c in zip(parts, counts)])
+    ids = {k: full[:, i].contiguous() for i, k in enumerate(ID_KEYS)}
+    return StepRows(ids, full[:, len(ID_KEYS)].contiguous(), full[:, len(ID_KEYS) + 1].contiguous().view(torch.float64))
+
+
+def step_fingerprint(rows: StepRows) -> torch.Tensor:
+    """A 64-bit fingerprint ``[]`` int64 of a step's request ids, item ids and labels (in order)."""
+    items = rows.ids["item"]
+    n = items.numel()
+    pos = torch.arange(1, n + 1, dtype=torch.int64, device=items.device)
+    h = (rows.request_ids * _MIX[0] + items * _MIX[1] + rows.labels.to(torch.int64) * _MIX[2]) \
         * (pos * _MIX[3] + 1)
     return h.sum() + n  # int64 arithmetic wraps: a hash, not a number
+
+
+def batch_fingerprint(batch: Batch) -> torch.Tensor:
+    """:func:`step_fingerprint` of one batch."""
+    return step_fingerprint(step_rows(batch))
 
 
 class LRCountsModel(nn.Module):
@@ -76,12 +134,6 @@ class LRCountsModel(nn.Module):
 
     def __init__(self, cfg: JobConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ConfigError(
-                "model.name=lr_counts is single-process only for now: its click counts are per-process "
-                "buffers (no all-reduce across ranks) and the sharding code plans embedding tables only"
-            )
         f = cfg.features
         self.num_categories = f.num_categories
         self.smoothing = cfg.model.counts_smoothing
@@ -99,7 +151,7 @@ class LRCountsModel(nn.Module):
             self.register_buffer(f"impressions_{name}", torch.zeros(size, dtype=torch.float64, device=dev))
         self.register_buffer("total_clicks", torch.zeros((), dtype=torch.float64, device=dev))
         self.register_buffer("total_impressions", torch.zeros((), dtype=torch.float64, device=dev))
-        # Fingerprint of the first batch counted since the last restart (valid when stream_started).
+        # Fingerprint of the first step counted since the last restart (valid when stream_started).
         self.register_buffer("stream_start", torch.zeros((), dtype=torch.int64, device=dev))
         self.register_buffer("stream_started", torch.zeros((), dtype=torch.bool, device=dev))
         self.register_buffer("passes", torch.zeros((), dtype=torch.int64, device=dev))
@@ -108,18 +160,22 @@ class LRCountsModel(nn.Module):
         specs = [s for s in table_specs(f) if s.name.startswith(("ctx_", "scene_"))]
         self.ebc = build_embedding_bag_collection(specs, 1, device)  # one weight per value
         self.linear = nn.Linear(2 * len(COUNT_KEYS), 1)
+        self.stage = EagerStage(self)
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Nothing to prepare: the counts are looked up in ``forward``."""
         return batch
 
-    def bucket_ids(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``[B]`` int64 bucket of every impression in each count table."""
-        ids = {k: batch.sparse[f"{k}_id"].values().to(torch.int64) for k in ("user", "item", "query", "category")}
+    def buckets(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``[N]`` int64 bucket of every impression in each count table, from its ``ID_KEYS`` ids."""
         out = {k: v % self.sizes[k] for k, v in ids.items()}
         pair = ids["user"] * self.num_categories + ids["category"] % self.num_categories
         out["user_category"] = pair % self.sizes["user_category"]
         return out
+
+    def bucket_ids(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``[B]`` int64 bucket of every impression of ``batch`` in each count table."""
+        return self.buckets(step_rows(batch).ids)
 
     def prior(self) -> torch.Tensor:
         """The running global CTR, Laplace smoothed (0.5 before any data)."""
@@ -147,18 +203,18 @@ class LRCountsModel(nn.Module):
         self.stream_started.fill_(False)
 
     @torch.no_grad()
-    def _update(self, batch: Batch, buckets: dict[str, torch.Tensor]) -> None:
-        labels = batch.labels.to(torch.float64)
+    def _update(self, step: StepRows) -> None:
+        labels = step.labels
         ones = torch.ones_like(labels)
-        for k in COUNT_KEYS:
-            getattr(self, f"clicks_{k}").index_add_(0, buckets[k], labels)
-            getattr(self, f"impressions_{k}").index_add_(0, buckets[k], ones)
+        for k, b in self.buckets(step.ids).items():
+            getattr(self, f"clicks_{k}").index_add_(0, b, labels)
+            getattr(self, f"impressions_{k}").index_add_(0, b, ones)
         self.total_clicks += labels.sum()
         self.total_impressions += labels.numel()
 
     @torch.no_grad()
-    def _check_new_pass(self, batch: Batch) -> None:
-        fp = batch_fingerprint(batch)
+    def _check_new_pass(self, step: StepRows) -> None:
+        fp = step_fingerprint(step)
         if bool(self.stream_started) and bool(fp == self.stream_start):
             self.reset_counts()
             self.passes += 1
@@ -167,15 +223,21 @@ class LRCountsModel(nn.Module):
             self.stream_started.fill_(True)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
+        """The sharded lookup here (traced by TorchRec's pipeline), the rest in :meth:`interact`."""
+        return self.stage(self.ebc(batch.sparse), batch)
+
+    def interact(self, pooled: KeyedTensor, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
+        """Counts, logistic regression and, training, the count update; ``pooled`` is the EBC's output."""
+        mine = step_rows(batch)
+        step = gather_step(mine) if self.training else mine  # collective when distributed
         if self.training:
-            self._check_new_pass(batch)
-        buckets = self.bucket_ids(batch)
-        feats = self.count_features(buckets)  # from strictly earlier batches only
-        emb = self.ebc(batch.sparse).to_dict()
+            self._check_new_pass(step)
+        feats = self.count_features(self.buckets(mine.ids))  # from strictly earlier steps only
+        emb = pooled.to_dict()
         onehot = torch.cat([emb[k] for k in self.onehot_features], dim=-1).sum(-1)
         logits = self.linear(feats).squeeze(-1) + onehot
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
         if self.training:
-            self._update(batch, buckets)  # after scoring: this batch's labels serve later batches
+            self._update(step)  # after scoring: this step's labels serve later steps
         return bce, {"loss": bce.detach(), "logits": logits.detach(), "bce": bce.detach(),
                      "count_features": feats.detach()}

@@ -16,9 +16,9 @@ Simplifications to fit here:
 * one fused key ``[t; q]`` for retrieval instead of QIN's separate query-relevance and
   target-relevance searches, and the retrieval shares the attention's metric (TWIN
   style) rather than having its own relevance model;
-* no query-behaviour text / category relevance features (queries are ids only here);
-* single-process only for now (one EBC + an EmbeddingCollection for the item and
-  category tables, which the sharding code does not plan yet).
+* no query-behaviour text / category relevance features (queries are ids only here).
+
+Sharded like TWIN (its GSU looks the history up through the sharded EC).
 """
 
 from __future__ import annotations

@@ -22,11 +22,18 @@ Embeddings:
   SIM and TWIN attach to every behaviour. :func:`padded` turns the jagged lookups into
   ``[B, L, D]`` plus a validity mask.
 
-Models built on these helpers are single-process only for now: the sharding code
-(:mod:`embeddings.sharding`) plans exactly one EmbeddingBagCollection and no
-EmbeddingCollection. Note also that :func:`cdp_rec.training.optim.split_parameters`
-counts only EmbeddingBagCollection tables as sparse, so the item / category tables of
-these models train with ``train.dense_lr`` and Adam like the dense layers.
+Distributed: :mod:`embeddings.sharding` plans and shards both modules (TorchRec's
+EmbeddingBagCollection and EmbeddingCollection sharders, the same planner and fused
+optimizer), so these models train on any number of ranks like the others. Unsharded,
+:func:`cdp_rec.training.optim.split_parameters` counts both modules' tables as sparse
+(row-lazy Adam at ``train.sparse_lr``).
+
+Forward in two stages: :meth:`SequenceCTRModel.forward` only calls the embedding modules
+on the batch's features and hands their outputs to :class:`EagerStage`, which runs the
+model's :meth:`~SequenceCTRModel.interact` (selection, attention, ranker). TorchRec's
+TrainPipelineSparseDist fx-traces ``forward`` to find the sharded modules' inputs and
+treats submodules without a sharded module as leaves, so the data-dependent code in
+``interact`` (jagged padding, top-K, ``if`` on tensor values) is never traced.
 """
 
 from __future__ import annotations
@@ -37,9 +44,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
+from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from cdp_rec.config import ConfigError, FeatureConfig, JobConfig
+from cdp_rec.config import FeatureConfig, JobConfig
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch
 from cdp_rec.models.layers import mlp
 from cdp_rec.models.ranker import RankingHead
@@ -319,15 +326,30 @@ class Behaviours(NamedTuple):
     counts: torch.Tensor
 
 
+class EagerStage(nn.Module):
+    """Runs ``owner.interact(*args)``: a leaf for TorchRec's pipeline tracer (module docstring).
+
+    Holds no parameters; the owner is kept outside ``_modules`` (no cycle in the module
+    tree, nothing in the state dict).
+    """
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+
+    def forward(self, *args: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.owner.interact(*args)  # type: ignore[attr-defined]
+
+
 class SequenceCTRModel(nn.Module):
     """Skeleton of the sequence baselines: one EBC, one behaviour EC, one ranking MLP.
 
-    Subclasses choose the behaviours (``prepare_batch`` on ids, or in ``forward``),
-    look them up with :meth:`lookup` and hand their interest vector(s) to :meth:`head`,
-    which scores ``MLP(single-valued embeddings ⊕ interest ⊕ log1p(count))`` with BCE —
-    the same ranking head and the same single-valued inputs (query, user, item, category,
-    context, scene) as :class:`cdp_rec.models.base.BaseModel`, so differences between
-    models are their behaviour representations.
+    Subclasses choose the behaviours (``prepare_batch`` on ids, or in :meth:`interact`),
+    take them from the EC's lookup (:meth:`behaviours`) and hand their interest vector(s)
+    to :meth:`head`, which scores ``MLP(single-valued embeddings ⊕ interest ⊕ log1p(count))``
+    with BCE — the same ranking head and the same single-valued inputs (query, user, item,
+    category, context, scene) as :class:`cdp_rec.models.base.BaseModel`, so differences
+    between models are their behaviour representations.
 
     Args:
         cfg: the job config.
@@ -338,12 +360,6 @@ class SequenceCTRModel(nn.Module):
 
     def __init__(self, cfg: JobConfig, device: torch.device | str, seq_len: int, interest_dim: int) -> None:
         super().__init__()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ConfigError(
-                f"model.name={cfg.model.name} is single-process only for now: the sharding code plans one "
-                "EmbeddingBagCollection and not this model's EmbeddingCollection"
-            )
         dim = cfg.model.embedding_dim
         self.features = cfg.features
         specs, self.single_features = single_feature_specs(cfg.features)
@@ -351,18 +367,32 @@ class SequenceCTRModel(nn.Module):
         self.ec = build_behaviour_collection(cfg.features, dim, device)
         self.seq_len = seq_len
         self.ranker = RankingHead(dim * (len(self.single_features) + 2) + interest_dim + 1, cfg.model.ranker_hidden)
+        self.stage = EagerStage(self)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch`` must come from ``prepare_batch``; the lookups here, the rest in :meth:`interact`."""
+        return self.stage(self.ebc(batch.sparse), self.ec(batch.sparse), batch)
+
+    def interact(
+        self, pooled: KeyedTensor, jts: dict[str, JaggedTensor], batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Everything after the lookups: ``pooled`` is the EBC's output, ``jts`` the EC's."""
+        raise NotImplementedError
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(item [V, D], category [C, D])`` weights of the behaviour EC."""
+        """``(item [V, D], category [C, D])`` weights of the unsharded behaviour EC."""
         return self.ec.embeddings["item"].weight, self.ec.embeddings["category"].weight
 
-    def lookup(self, kjt: KeyedJaggedTensor) -> Behaviours:
-        """Target and selected behaviours from the EC (``kjt`` holds :func:`kjt_behaviours`' keys)."""
-        jts = self.ec(kjt)
+    def behaviours(self, jts: dict[str, JaggedTensor]) -> Behaviours:
+        """Target and selected behaviours from the EC's output for :func:`kjt_behaviours`' keys."""
         items, mask = padded(jts[SEQ_ITEMS], self.seq_len)
         cats, _ = padded(jts[SEQ_CATEGORIES], self.seq_len)
         t_item, t_cat = jts[TARGET_ITEM].values(), jts[TARGET_CATEGORY].values()
         return Behaviours(t_item + t_cat, t_item, t_cat, items + cats, mask, jts[SEQ_ITEMS].lengths())
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> Behaviours:
+        """Look ``kjt`` (:func:`kjt_behaviours`' keys) up in the EC: :meth:`behaviours` of it."""
+        return self.behaviours(self.ec(kjt))
 
     def head(
         self,

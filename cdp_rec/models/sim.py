@@ -15,14 +15,17 @@ Simplifications to fit here:
   no separate short-term DIN branch; the retrieved count enters the ranker as
   ``log1p(count)`` (as in CDP);
 * the GSU is the hard (category) search only, not the soft (embedding-MIPS) variant;
-* a behaviour (and the target) is the sum of its item and category embeddings;
-* single-process only for now (one EBC + an EmbeddingCollection for the item and
-  category tables, which the sharding code does not plan yet).
+* a behaviour (and the target) is the sum of its item and category embeddings.
+
+Sharded like every model (:mod:`embeddings.sharding` plans the EBC and the item /
+category EmbeddingCollection); the GSU runs on ids in ``prepare_batch``, so the EC's
+lookup is pipelined by TorchRec's TrainPipelineSparseDist.
 """
 
 from __future__ import annotations
 
 import torch
+from torchrec import JaggedTensor, KeyedTensor
 
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, Batch
@@ -53,9 +56,11 @@ class SIMModel(SequenceCTRModel):
         categories = torch.repeat_interleave(target_categories, lengths, output_size=items.numel())
         return with_behaviours(batch, items, categories, lengths)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
-        """``batch`` must come from :meth:`prepare_batch`."""
-        emb = self.ebc(batch.sparse).to_dict()
-        look = self.lookup(batch.sparse)
+    def interact(
+        self, pooled: KeyedTensor, jts: dict[str, JaggedTensor], batch: Batch
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """After the lookups of :meth:`SequenceCTRModel.forward` (``batch`` from :meth:`prepare_batch`)."""
+        emb = pooled.to_dict()
+        look = self.behaviours(jts)
         interest, weights = self.esu(look.target, look.keys, look.mask)
         return self.head(emb, look, interest, batch.labels, attention=weights)

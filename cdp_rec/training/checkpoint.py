@@ -6,6 +6,8 @@ Layout of ``<dir>/step-000001234/``::
                                    dense weights) and optimizer state (fused sparse +
                                    dense Adam), each rank writing its own shards
     rng-rank<r>.pt                 each rank's torch RNG state (CDP's diffusion noise)
+    states.pt                      state of run-side objects attached to the
+                                   Checkpointer (the per-day id-mapping report), rank 0
     meta.json                      written last by rank 0: training position, world
                                    size, batch size, table shapes, the resolved config,
                                    and ``files``: size and SHA-256 of every other file
@@ -59,6 +61,7 @@ from cdp_rec.training.safe_load import (
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+STATES = "states.pt"
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 T = TypeVar("T")
@@ -87,11 +90,21 @@ def _barrier() -> None:
 
 
 def table_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Embedding table name -> [rows, dim] of the model's EmbeddingBagCollection."""
-    from embeddings.sharding import find_ebc
+    """Embedding table name -> [rows, dim] of every EmbeddingBagCollection / EmbeddingCollection of the model."""
+    from embeddings.sharding import model_tables
 
-    _, ebc = find_ebc(model)
-    return {t.name: [t.num_embeddings, t.embedding_dim] for t in ebc.embedding_bag_configs()}
+    return {name: [loc.config.num_embeddings, loc.config.embedding_dim] for name, loc in model_tables(model).items()}
+
+
+def table_state_keys(model: nn.Module) -> dict[str, str]:
+    """``state_dict`` key of every embedding table's weight -> table name (pooled EBC and unpooled EC alike)."""
+    from embeddings.sharding import model_tables
+
+    keys = {}
+    for name, loc in model_tables(model).items():
+        part = "embedding_bags" if loc.pooled else "embeddings"
+        keys[f"{loc.path}.{part}.{name}.weight" if loc.path else f"{part}.{name}.weight"] = name
+    return keys
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -297,6 +310,23 @@ def _read_rng(path: Path, meta: dict[str, Any]) -> torch.Tensor | None:
     return state
 
 
+def _read_states(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The attached objects' saved states (weights-only unpickler); {} if none were saved."""
+    file = path / STATES
+    if not file.is_file():
+        return {}
+    records = _file_records(path, meta)
+    if records is not None and file.name not in records:
+        raise CheckpointError(f"{file}: not among the files {META} lists; refusing to read it")
+    try:
+        saved = torch.load(file, weights_only=True)
+    except Exception as e:  # a cut zip, a refused global, an unreadable file
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: not a dict of states")
+    return saved
+
+
 def _digest_collectively(staging: Path) -> dict[str, dict[str, Any]]:
     """Collective, after every rank's files are in ``staging``: size and SHA-256 of each.
 
@@ -326,6 +356,14 @@ class Checkpointer:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self._attached: dict[str, Any] = {}
+
+    def attach(self, name: str, obj: Any) -> None:
+        """Checkpoint ``obj`` too: ``obj.checkpoint_state()`` (collective; the same on every
+        rank, or None) is saved by rank 0 in ``states.pt`` (tensors and plain containers);
+        :meth:`load` hands it back through ``obj.load_checkpoint_state(state, global_step)``
+        (None when the checkpoint has none)."""
+        self._attached[name] = obj
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
@@ -344,6 +382,10 @@ class Checkpointer:
             dcp.save({"model": trainer.module.state_dict(), "optim": trainer.optimizer.state_dict()},
                      checkpoint_id=str(staging))
             torch.save({"torch": torch.get_rng_state()}, staging / f"rng-rank{_rank()}.pt")
+            attached = {k: obj.checkpoint_state() for k, obj in self._attached.items()}
+            attached = {k: v for k, v in attached.items() if v is not None}
+            if attached and _rank() == 0:
+                torch.save(attached, staging / STATES)
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -383,15 +425,16 @@ class Checkpointer:
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
 
-        def check() -> tuple[dict[str, Any], torch.Tensor | None]:
+        def check() -> tuple[dict[str, Any], torch.Tensor | None, dict[str, Any]]:
             meta = read_meta(path)
             check_compatible(path, meta, trainer.cfg, trainer.table_shapes)
             verify_files(path, meta, _rank(), world)
             read_dcp_metadata(path, meta)
             # Another world size deals the batches differently: the saved streams do not apply.
-            return meta, (_read_rng(path, meta) if meta["world_size"] == world else None)
+            return (meta, (_read_rng(path, meta) if meta["world_size"] == world else None),
+                    _read_states(path, meta) if self._attached else {})
 
-        meta, rng = _agreed(check)
+        meta, rng, attached = _agreed(check)
         # Optimizer state is lazy: one zero-gradient step creates the tensors DCP loads into
         # (Adam's update is exactly 0 there, so the weights do not move).
         trainer.optimizer.init_state()
@@ -403,6 +446,8 @@ class Checkpointer:
         if rng is not None:
             torch.set_rng_state(rng)
         pos = Position(meta["global_step"], meta["samples"], meta.get("final", False))
+        for name, obj in self._attached.items():
+            obj.load_checkpoint_state(attached.get(name), pos.global_step)
         return pos, meta
 
 
@@ -478,6 +523,10 @@ def _commit_export(staging: Path, out: Path, force: bool) -> None:
 def export(path: Path, out: Path, force: bool = False) -> dict[str, Any]:
     """Write an unsharded serving artifact: one ``.npy`` per table, ``dense.pt``, config, manifest.
 
+    Tables are every EmbeddingBagCollection's and EmbeddingCollection's (the sequence
+    models' unpooled item / category tables too): ``tables/<table>.npy``, whatever the
+    sharding that wrote the checkpoint.
+
     Each table's ``.npy`` is created on disk first and memory-mapped; DCP then reads the
     table's saved shards one by one straight into that mapping (it loads only the
     requested key, one saved shard per read). The process therefore holds at most one
@@ -518,9 +567,10 @@ def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: P
     (staging / "tables").mkdir(parents=True)
     manifest: dict[str, Any] = {"checkpoint": str(path), "global_step": meta["global_step"], "tables": {}}
     dense: dict[str, torch.Tensor] = {}
+    tables = table_state_keys(model)
     for key, t in model.state_dict().items():
-        if ".embedding_bags." in key:
-            table = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
+        table = tables.get(key)
+        if table is not None:  # an EBC or EC table: streamed shard by shard into its .npy
             target = np.lib.format.open_memmap(
                 staging / "tables" / f"{table}.npy", mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype,
                 shape=tuple(t.shape),

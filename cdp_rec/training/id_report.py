@@ -15,9 +15,15 @@ For every training day, once its last step is done:
 AUCs are computed from histograms of the predicted probability (2**14 equal bins, ties
 within a bin counted half), which ranks can sum with one all-reduce however large the
 day; they differ from the exact AUC by well under 1e-3. "Seen before" is a sorted set of
-every item id of earlier days (all ranks'), 8 bytes per distinct item; it starts empty at
-each process start, so after a resume the first day counts every item as new. Each day
-is also one log line.
+every item id of earlier days (all ranks'), 8 bytes per distinct item. Each day is also
+one log line.
+
+Checkpoints carry the report (:meth:`IdMappingReport.checkpoint_state`, attached to the
+:class:`~cdp_rec.training.checkpoint.Checkpointer`): the finished days, the seen set, the
+table totals at the day's start and the unfinished day's histograms and item ids, summed
+over ranks. A resume that continues at the checkpoint's step (same world size and batch
+size) therefore reports every day as the uninterrupted run does; one that restarts the
+day (another world size) keeps the finished days and the seen set and recounts the day.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class IdMappingReport:
         self._hist = torch.zeros(len(_GROUPS), 2, BINS, dtype=torch.float64)
         self._steps = 0
         self._last: dict[str, dict[str, int]] | None = None  # totals when the first batch is pulled
+        self._saved: tuple[dict[str, Any], int] | None = None  # a loaded checkpoint's report, until resume_at
 
     def _totals(self) -> dict[str, dict[str, int]]:
         if self.mapper is None:
@@ -155,6 +162,52 @@ class IdMappingReport:
         self._today, self._steps = [], 0
         if not distributed or dist.get_rank() == 0:
             log.info("%s", format_day(row))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """The report as a checkpoint keeps it (collective: every rank calls it at the same
+        step): per-rank parts of the unfinished day are summed / united over ranks, so the
+        state is the same on every rank and loads into any world size. None when inactive."""
+        if not self.active:
+            return None
+        hist = self._hist.clone()
+        today = torch.unique(torch.cat(self._today)) if self._today else torch.empty(0, dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(hist)
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, today.numpy())
+            today = torch.unique(torch.cat([torch.from_numpy(p) for p in parts]))
+        return {"version": 1, "rows": [dict(r) for r in self.rows], "seen": self._seen.clone(), "last": self._last,
+                "day": self._day, "steps": self._steps, "hist": hist, "today": today}
+
+    def load_checkpoint_state(self, state: dict[str, Any] | None, global_step: int) -> None:
+        """Restore what :meth:`checkpoint_state` saved at ``global_step``; the unfinished day
+        is applied by :meth:`resume_at`. None (a checkpoint without a report): start empty."""
+        self._saved = (state, global_step) if isinstance(state, dict) and state.get("version") == 1 else None
+        if self._saved is None:
+            if self.active and state is None:
+                log.warning("the checkpoint has no id-mapping report: its days before the resume are missing from "
+                            "id_mapping_days and the first day counts every item as new")
+            return
+        self.rows = [dict(r) for r in state["rows"]]
+        self._seen = state["seen"].to(torch.int64)
+        self._last = state["last"]
+
+    def resume_at(self, start: int) -> None:
+        """The run continues at global step ``start``: at the checkpoint's own step the
+        unfinished day goes on (its histograms and ids held by rank 0, so the day-end sum
+        over ranks is the saved one); otherwise that day restarts and is counted afresh."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        state, step = saved
+        if start != step or state["day"] is None:
+            return
+        self._day, self._steps = state["day"], int(state["steps"])
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            self._hist = state["hist"].to(torch.float64).clone()
+            self._today = [state["today"].to(torch.int64)] if state["today"].numel() else []
 
     def finish(self) -> list[dict[str, Any]]:
         """Close the last day; the rows (one per training day seen), JSON-ready (NaN -> None)."""

@@ -13,18 +13,28 @@ optimizers). The rows are read through ``F.embedding`` with the table's own ``sp
 setting, so the term's gradient is as sparse as the lookup's.
 
 Sharded tables are different: TorchRec's fused optimizers update the rows inside the
-backward pass from the gradient of the pooled lookup output, and no other gradient can
-reach a row. For a sharded collection the term is therefore ``λ / 2 * Σ ||pooled||²``
-over the batch's pooled embeddings (one per sample and feature): the same as the row
-term for single-id features (user, query, item, category, context, scene) except that a
-row used by k samples of the batch is counted k times; for the pooled history it pulls
-the pooled vector, not each row, towards 0.
+backward pass from the gradient of the lookup output, and no other gradient can reach a
+row. For a sharded collection the term is therefore ``λ / 2 * Σ ||e||²`` over the
+batch's lookup outputs: the pooled embeddings of an EmbeddingBagCollection (one per
+sample and feature) and every looked-up row of an EmbeddingCollection (one per id, the
+sequence models' target and behaviours). That is the row term for single-id features
+(user, query, item, category, context, scene) except that a row used by k lookups of the
+batch is counted k times; for the pooled history it pulls the pooled vector, not each
+row, towards 0.
+
+Over N ranks, each rank adds ``N x`` the term of its own lookups. DDP averages the
+ranks' dense gradients (and data-parallel tables'), so the objective every parameter
+follows is the mean of the ranks' losses: the global batch's BCE plus ``λ / 2 * Σ`` over
+*all* ranks' lookups — exactly one process's objective on the concatenated batches.
+(Model-parallel tables receive the sum, not the mean, of the ranks' gradients: N x that
+objective's gradient, BCE and L2 alike, as without the term.) ``out["embedding_l2"]``
+is this rank's N-times share; its mean over the ranks is the global term.
 
 The term is computed by hooks (forward pre-hooks on the unsharded
 EmbeddingBagCollection / EmbeddingCollection modules, forward hooks on sharded
-EmbeddingBagCollections, and a forward hook on the model that adds the sum to its
-loss), so the models need not know about it; it applies in training mode with
-gradients on only, never in evaluation. ``out["loss"]`` then includes it and
+EmbeddingBagCollections / EmbeddingCollections, and a forward hook on the model that
+adds the sum to its loss), so the models need not know about it; it applies in training
+mode with gradients on only, never in evaluation. ``out["loss"]`` then includes it and
 ``out["embedding_l2"]`` holds it.
 """
 
@@ -33,9 +43,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedTensor
 from torchrec.distributed.types import LazyAwaitable
 
 
@@ -43,14 +54,17 @@ class EmbeddingL2:
     """Installs the hooks on ``model`` (the unwrapped model, sharded or not)."""
 
     def __init__(self, model: nn.Module, weight: float) -> None:
+        from torchrec.distributed.embedding import ShardedEmbeddingCollection
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
         self.weight = weight
+        # Sharded lookups' terms are scaled by the world size (module docstring).
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.terms: list[torch.Tensor] = []
         self.handles: list[Any] = []
         for module in model.modules():
-            if isinstance(module, ShardedEmbeddingBagCollection):
-                self.handles.append(module.register_forward_hook(self._pooled))
+            if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
+                self.handles.append(module.register_forward_hook(self._looked_up))
             elif isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
                 self.handles.append(module.register_forward_pre_hook(self._rows))
         self.handles.append(model.register_forward_hook(self._add))
@@ -82,11 +96,13 @@ class EmbeddingL2:
                 self.terms.append(F.embedding(rows, table.weight, sparse=bool(getattr(table, "sparse", False)))
                                   .pow(2).sum())
 
-    def _pooled(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _looked_up(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """A sharded module's output: an EBC's KeyedTensor ``[B, Σ D]``, an EC's ``{feature: JaggedTensor [N, D]}``."""
         if not self._active(module):
             return
-        kt = LazyAwaitable._wait_async(output) if isinstance(output, LazyAwaitable) else output
-        self.terms.append(kt.values().pow(2).sum())
+        out = LazyAwaitable._wait_async(output) if isinstance(output, LazyAwaitable) else output
+        values = [out.values()] if isinstance(out, KeyedTensor) else [jt.values() for jt in out.values()]
+        self.terms.append(self.world * sum(v.pow(2).sum() for v in values))
 
     def _add(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self.terms:

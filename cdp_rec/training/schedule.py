@@ -28,7 +28,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cdp_rec.config import CheckpointConfig, DataConfig
-from cdp_rec.data.loader import DataError
+from cdp_rec.data.loader import DataError, expand_histories
 from cdp_rec.data.schema import Batch
 
 
@@ -94,6 +94,7 @@ class HeldOutTail:
 
 def select_rows(batch: Batch, keep: torch.Tensor) -> Batch:
     """The rows of ``batch`` where the bool ``[B]`` mask ``keep`` is true (order kept)."""
+    batch = expand_histories(batch)  # a kept row may share the history of a dropped one
     kjt = batch.sparse
     keys = kjt.keys()
     lengths = kjt.lengths().view(len(keys), -1)

@@ -10,15 +10,23 @@ One loop for both modes:
   TrainPipelineSparseDist overlapping the input all-to-all with compute, and the
   evaluation gathered from every rank before AUC / UAUC / GAUC are computed.
 
-Flow (README "How training picks its stopping point"): the fixed step schedule
-(:mod:`~cdp_rec.training.schedule`) runs in segments; after a segment the held-out
-validation rows may be scored (every epoch, every ``train.eval_every`` steps), which
-feeds early stopping and the best checkpoint (:mod:`~cdp_rec.training.early_stop`) and
-the plateau learning-rate schedule (:mod:`~cdp_rec.training.lr_schedule`), and a
-checkpoint may be written (:class:`~cdp_rec.training.schedule.CheckpointPolicy`). At the
-end the best validated weights are restored and the test days scored.
-``train.embedding_l2`` adds :mod:`~cdp_rec.training.regularize`'s term to the loss.
+Flow (README "How training picks its stopping point"), :func:`_train` top to bottom,
+one unit per step:
 
+1. paths and preparation (:mod:`~cdp_rec.training.run_dirs`): data, capacity, a
+   ``resume=never`` start's old checkpoints moved aside;
+2. :class:`Trainer` (model, optimizers, step and evaluation mechanics);
+3. the fixed step schedule and the held-out rows (:mod:`~cdp_rec.training.schedule`);
+4. model selection (:mod:`~cdp_rec.training.selection`: validation, early stopping and
+   the best checkpoint of :mod:`~cdp_rec.training.early_stop`, the learning-rate
+   schedule of :mod:`~cdp_rec.training.lr_schedule`), resumed from the newest checkpoint;
+5. the segment loop (:mod:`~cdp_rec.training.loop`): train to the next validation /
+   checkpoint point, validate, checkpoint, stop early; per-step bookkeeping in
+   :mod:`~cdp_rec.training.progress`;
+6. the best validated weights restored, the test days scored, ``metrics.json``
+   written (:mod:`~cdp_rec.training.run_record`).
+
+``train.embedding_l2`` adds :mod:`~cdp_rec.training.regularize`'s term to the loss.
 Writes ``<run_dir>/<run_name>/config.yaml``, ``metrics.json`` and, when sharded,
 ``plan.json`` (rank 0 only).
 
@@ -32,19 +40,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from cdp_rec.config import ConfigError, JobConfig, save_config
 from cdp_rec.data.joined import open_reader
@@ -52,13 +57,16 @@ from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spe
 from cdp_rec.data.schema import Batch, is_sequence_feature
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
-from cdp_rec.training.checkpoint import Checkpointer, Position, list_checkpoints, table_shapes
-from cdp_rec.training.early_stop import BestCheckpoint, EarlyStopping, Validation
+from cdp_rec.training.checkpoint import Checkpointer, table_shapes
 from cdp_rec.training.distributed import DistContext, all_reduce_int, gather_arrays, init_from_env, launched_distributed
-from cdp_rec.training.lr_schedule import LRSchedule, base_learning_rates, set_learning_rates
+from cdp_rec.training.loop import SegmentLoop
+from cdp_rec.training.lr_schedule import base_learning_rates, set_learning_rates
 from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer, use_sparse_gradients
+from cdp_rec.training.progress import LossGuard, Progress, TrainingError
 from cdp_rec.training.regularize import EmbeddingL2
+from cdp_rec.training.run_dirs import RunPaths, move_aside_checkpoints, run_name, run_paths
 from cdp_rec.training.run_lock import RunLock, acquire_run_lock
+from cdp_rec.training.run_record import RunContext, run_metrics, write_metrics
 from cdp_rec.training.schedule import (
     BatchSource,
     CheckpointPolicy,
@@ -71,64 +79,18 @@ from cdp_rec.training.schedule import (
     split_days,
     user_tail_mask,
 )
+from cdp_rec.training.selection import ModelSelection
+from cdp_rec.training.threads import ThreadChoice, pick_threads, torch_threads
 from embeddings.sharding import describe_plan, format_plan, shard_model, sparse_optimizer_choice
 from cdp_rec.training.id_report import IdMappingReport
-from embeddings.id_mapping import attach_optimizer
+from embeddings.id_mapping import apply_deferred_resets, attach_optimizer
 from embeddings.state import load_full_state
 
 log = logging.getLogger(__name__)
 
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. a non-finite loss); says where it happened."""
-
-
-class LossGuard:
-    """Stops a diverging run instead of letting it finish with a meaningless model.
-
-    Per training step (``update``), on the step's mean ``bce`` and total ``loss``:
-
-    * the smoothed BCE (exponential moving average, weight ``1 - decay`` ~ the last 10
-      steps) above ``max_bce`` nats (10): the BCE of predicting the base rate is at most
-      ln 2 = 0.69 and a trained ranker's is ~0.1-0.6, so a smoothed 10 means confidently
-      wrong logits batch after batch, i.e. the weights blew up (``train.sparse_lr=1e9``
-      reaches a loss of ~1e28 in a few steps);
-    * after ``warmup`` steps (50), the smoothed total loss (BCE plus any auxiliary term)
-      above ``factor`` (100) x its smoothed level at the end of the warm-up (that level
-      floored at 0.1, so a near-zero reference cannot make noise look like divergence).
-
-    Non-finite losses are caught earlier, in :meth:`Trainer.train_steps`. Either way a
-    :class:`TrainingError` names the step and what to change.
-    """
-
-    def __init__(self, max_bce: float = 10.0, factor: float = 100.0, warmup: int = 50, decay: float = 0.9) -> None:
-        self.max_bce, self.factor, self.warmup, self.decay = max_bce, factor, warmup, decay
-        self.bce: float | None = None
-        self.loss: float | None = None
-        self.reference: float | None = None
-        self.steps = 0
-
-    def _smooth(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
-
-    def update(self, loss: float, bce: float, step: int) -> None:
-        self.steps += 1
-        self.bce, self.loss = self._smooth(self.bce, bce), self._smooth(self.loss, loss)
-        hint = "lower train.dense_lr / train.sparse_lr (or check the data)"
-        if not (math.isfinite(self.bce) and math.isfinite(self.loss)):
-            raise TrainingError(f"training diverged at step {step}: non-finite smoothed loss; {hint}")
-        if self.bce > self.max_bce:
-            raise TrainingError(
-                f"training diverged at step {step}: smoothed BCE {self.bce:.4g} > {self.max_bce:g} "
-                f"(a sane ranker is below 0.7); {hint}"
-            )
-        if self.steps == self.warmup:
-            self.reference = max(self.loss, 0.1)
-        if self.reference is not None and self.loss > self.factor * self.reference:
-            raise TrainingError(
-                f"training diverged at step {step}: smoothed loss {self.loss:.4g} > {self.factor:g} x its "
-                f"level {self.reference:.4g} after {self.warmup} steps; {hint}"
-            )
+# Importable from here as before the loop's units had their own modules.
+__all__ = ["LossGuard", "Trainer", "TrainingError", "TrainResult", "ensure_data", "local_batch_size",
+           "move_aside_checkpoints", "run_name", "train"]
 
 
 @dataclass
@@ -164,10 +126,6 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
 
     log.info("data root %s missing: generating the synthetic data set (seed %d)", root, cfg.data.seed)
     generate_dataset(cfg, root, force=False)
-
-
-def run_name(cfg: JobConfig) -> str:
-    return cfg.train.run_name or f"{cfg.model.name}-{cfg.hash()}"
 
 
 def local_batch_size(cfg: JobConfig, world_size: int, batch_size: int | None = None) -> int:
@@ -206,7 +164,7 @@ class Trainer:
             self.optimizer: Any = build_optimizers(self.model, cfg.train)
             self.device = torch.device("cpu")
             self.optimizer_note = "sparse optimizer: row-lazy Adam over the unsharded tables (touched rows only)"
-            attach_optimizer(self.model, self.optimizer)  # managed tables: admitted rows start from zero state
+            attach_optimizer(self.model, self.optimizer, defer_resets=True)  # admitted rows start from zero state
             self._finish_init()
             return
         full = None if sharded_init else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -216,18 +174,25 @@ class Trainer:
         self.module, self.device = dmp, ctx.device
         self.plan_rows = describe_plan(plan)
         self.optimizer = build_sharded_optimizer(dmp, cfg.train)
-        attach_optimizer(self.model, self.optimizer, dmp)  # managed tables reset admitted rows in the shards
+        attach_optimizer(self.model, self.optimizer, dmp, defer_resets=True)  # admitted rows reset in the shards
         self.optimizer_note = sparse_optimizer_choice(cfg.sharding, ctx.device.type).note.format(lr=cfg.train.sparse_lr)
         if cfg.sharding.pipeline:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-            self.pipeline = TrainPipelineSparseDist(self.module, self.optimizer, ctx.device, execute_all_batches=True)
+            self.pipeline = TrainPipelineSparseDist(self.module, self.optimizer, ctx.device, execute_all_batches=True,
+                                                    custom_model_fwd=self._train_forward)
         self._finish_init()
 
     def _finish_init(self) -> None:
         # The configured rate of every parameter group, before a checkpoint load restores a scaled one.
         self.lr_bases = base_learning_rates(self.optimizer)
         self.regularizer = EmbeddingL2(self.model, self.cfg.train.embedding_l2) if self.cfg.train.embedding_l2 else None
+
+    def _train_forward(self, batch: Any) -> Any:
+        # Managed tables reset the rows they handed to this batch's new ids now, after the
+        # previous step's update (the pipeline prepares batches two steps ahead).
+        apply_deferred_resets(self.model)
+        return self.module(batch)
 
     def set_lr_factor(self, factor: float) -> None:
         """Every group's rate = its configured rate x ``factor`` (dense and sparse, fused or not)."""
@@ -266,7 +231,7 @@ class Trainer:
         for batch in prepared:
             if before_step is not None:
                 before_step(first_step + steps)
-            loss, out = self.module(batch.to(self.device))
+            loss, out = self._train_forward(batch.to(self.device))
             self._check_finite(out, first_step + steps + 1)
             self.optimizer.zero_grad()
             loss.backward()
@@ -344,38 +309,15 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
             # A torchrun restart's rank 0 waits briefly for the previous one to be gone.
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             lock = acquire_run_lock(Path(cfg.train.run_dir) / run_name(cfg), wait_s=30.0 if restarted else 0.0)
-        return _train(cfg, Path(data_root or cfg.data.root), ctx)
+        with torch_threads(pick_threads(cfg.train.threads, ctx.local_world_size if ctx else 1)) as threads:
+            if ctx is None or ctx.is_main:
+                log.info("torch: %s", threads.describe())
+            return _train(cfg, Path(data_root or cfg.data.root), ctx, threads)
     finally:
         if lock is not None:
             lock.release()
         if ctx is not None and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def move_aside_checkpoints(ckpt_dir: Path) -> Path | None:
-    """A fresh start (``checkpoint.resume=never``) must not prune against, or later resume
-    from, another run's checkpoints: rename the checkpoint directory, if it holds committed
-    checkpoints, to the sibling ``<name>.replaced-<UTC time>``. Returns where they went.
-
-    When the directory cannot be renamed (e.g. a mount point) its checkpoints are moved
-    into ``<dir>/replaced-<UTC time>/`` instead (not listed as checkpoints either).
-    """
-    if not list_checkpoints(ckpt_dir):
-        return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{stamp}")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{stamp}-{n}")
-    try:
-        os.rename(ckpt_dir, dest)
-    except OSError:
-        dest = ckpt_dir / f"replaced-{stamp}"
-        dest.mkdir()
-        for old in list_checkpoints(ckpt_dir):
-            os.rename(old, dest / old.name)
-    return dest
 
 
 def preflight_capacity(cfg: JobConfig, world_size: int, local_world_size: int) -> None:
@@ -389,156 +331,90 @@ def preflight_capacity(cfg: JobConfig, world_size: int, local_world_size: int) -
     plan_capacity(cfg, world_size, local_world_size)
 
 
-def _train(cfg: JobConfig, root: Path, ctx: DistContext | None) -> TrainResult:
+def _train(cfg: JobConfig, root: Path, ctx: DistContext | None, threads: ThreadChoice) -> TrainResult:
     is_main = ctx is None or ctx.is_main
-    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
-    out_dir = Path(cfg.train.run_dir) / run_name(cfg)
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
-    if is_main and cfg.checkpoint.resume == "never":
-        moved = move_aside_checkpoints(ckpt_dir)
-        if moved is not None:
-            log.warning("checkpoint.resume=never: moved the existing checkpoints of %s aside to %s "
-                        "(this run starts fresh and will not resume from or delete them)", ckpt_dir, moved)
-    if is_main:
-        ensure_data(cfg, root)
-    if ctx is not None:
-        dist.barrier()  # the others wait for rank 0 to (maybe) generate the data / move checkpoints
-        check_dataset_spec(root, cfg.features)
-    if ctx is not None:
-        preflight_capacity(cfg, world, ctx.local_world_size)
+    world = ctx.world_size if ctx else 1
+    paths = run_paths(cfg)
+    _prepare_run(cfg, root, ctx, paths)
     bs = local_batch_size(cfg, world)
     eval_bs = local_batch_size(cfg, world, cfg.train.eval_batch_size) if cfg.train.batch_size_scope == "global" \
         else cfg.train.eval_batch_size
 
     trainer = Trainer(cfg, ctx)
     id_report = IdMappingReport(trainer.model, active=hasattr(trainer.model, "id_mapper") or cfg.data.id_churn > 0)
-    if ctx is not None:
-        # Which process is which rank: operators (and the fault-tolerance test) kill by pid.
-        (out_dir / "pids").mkdir(parents=True, exist_ok=True)
-        (out_dir / "pids" / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        log.info(trainer.optimizer_note)
-        if trainer.plan_rows:
-            log.info("sharding plan (world size %d):\n%s", world, format_plan(trainer.plan_rows))
-            (out_dir / "plan.json").write_text(json.dumps(trainer.plan_rows, indent=2) + "\n")
+    _write_run_files(cfg, paths.out, trainer, ctx)
 
     split = split_days(cfg.data)
     schedule, reader, valid_reader, test_reader = _plan_data(cfg, root, split, bs, eval_bs, ctx)
 
-    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last)
-    policy = CheckpointPolicy(cfg.checkpoint, schedule)
-    stopper = EarlyStopping(cfg.train.early_stop)
-    lr = LRSchedule(cfg.train.lr_schedule, schedule.length, stopper.improvement)
-    best = BestCheckpoint(ckpt_dir / "best")
-    validation = None if valid_reader is None else Validation(
-        valid_reader, stopper, lr, best, epoch_ends=schedule.epoch_ends, every=cfg.train.eval_every,
-        last_step=schedule.length, restore_best=cfg.train.early_stop.restore_best, is_main=is_main)
+    ckpt = Checkpointer(paths.checkpoints, cfg.checkpoint.keep_last)
+    ckpt.attach("id_report", id_report)  # the per-day report survives a resume
+    selection = ModelSelection(cfg.train, schedule, valid_reader, paths.best, is_main)
 
     resumed = resume(ckpt, trainer, schedule, world, bs, cfg.checkpoint.resume == "auto", log)
     start, pos = resumed.start, resumed.position
-    for point in stopper.replay(resumed.history, start):  # early-stop and plateau state as they were at `start`
-        lr.on_validation(point.get(stopper.monitor))
-    if resumed.path is None:
-        if is_main and list_checkpoints(best.root):  # an earlier run's best point is not this run's
-            moved = move_aside_checkpoints(best.root)
-            log.warning("fresh start: moved the best checkpoint of an earlier run in %s aside to %s", best.root, moved)
-    else:
-        best.drop_after(start, is_main)
-        if is_main:
-            log.info("resumed from %s at global step %d (%d samples seen)", resumed.path, start, pos.samples)
+    id_report.resume_at(start)
+    selection.resume(resumed.history, start, fresh=resumed.path is None)
+    if resumed.path is not None and is_main:
+        log.info("resumed from %s at global step %d (%d samples seen)", resumed.path, start, pos.samples)
     if ctx is not None:
         dist.barrier()  # rank 0 has (re)moved stale best checkpoints before anyone saves one
 
-    progress = _Progress(cfg, schedule, start, pos.samples, world, bs, is_main)
-    t0 = time.perf_counter()
-    step = start
-    on_step = id_report.wrap(progress.on_step)
+    progress = Progress(cfg, schedule, start, pos.samples, world, bs, is_main)
+    loop = SegmentLoop(trainer, schedule, reader, selection, CheckpointPolicy(cfg.checkpoint, schedule), ckpt,
+                       progress, id_report, meta={"local_batch_size": bs}, is_main=is_main)
     try:
-        if not pos.final:
-            validating = validation is not None
-            ends = schedule.segment_ends(
-                start, [cfg.checkpoint.every_steps if policy.enabled else 0, cfg.train.eval_every if validating else 0],
-                policy.points() | (validation.points() if validating else set()))
-            for end in ends:
-                # One segment: the steps up to the next validation / checkpoint / end. The sharded
-                # pipeline drains at its end, so every rank has applied the same updates.
-                batches = schedule.batches(step, end, reader, progress.set_day)
-                trainer.train_steps(id_report.watch(batches, lambda: progress.day), on_step, first_step=step,
-                                    before_step=lambda s: trainer.set_lr_factor(lr.factor(s)))
-                step = end
-                if validating and validation.due(step):
-                    validation.run(trainer, step, schedule.epoch_of(step), progress.seen,
-                                   {"local_batch_size": bs})
-                if policy.due(step, stopping=stopper.stopped):
-                    final = step == schedule.length or stopper.stopped
-                    ckpt.save(trainer, Position(step, progress.seen, final),
-                              {"local_batch_size": bs, "training_state": {"history": stopper.history}})
-                if stopper.stopped:
-                    if is_main:
-                        log.info("early stop at step %d (epoch %d): no better validation %s in %d validations",
-                                 step, schedule.epoch_of(step), stopper.monitor, stopper.cfg.patience)
-                    break
+        end = loop.run(start, final=pos if pos.final else None)
         id_days = id_report.finish()
     finally:
         progress.close()
-    train_seconds = time.perf_counter() - t0 - (validation.seconds if validation else 0.0)
 
-    # Test with the best validated weights (the weights in memory are those after `weights_step`).
-    weights_step = pos.global_step if pos.final else step
-    restored = None
-    summary = stopper.summary()
-    if summary is not None and cfg.train.early_stop.restore_best:
-        restored = summary["step"]
-        if restored != weights_step:
-            path = best.restore(trainer, restored)
-            if is_main:
-                log.info("restored the best validation point (epoch %d, step %d, %s %.4f) from %s for the test days",
-                         summary["epoch"], restored, stopper.monitor, summary["value"], path)
-
+    # Test with the best validated weights (the weights in memory are those after `end.weights_step`).
+    restored = selection.restore_for_test(trainer, end.weights_step)
     t1 = time.perf_counter()
     metrics = trainer.evaluate(test_reader)
     eval_seconds = time.perf_counter() - t1
 
-    result: dict[str, Any] = {
-        "model": cfg.model.name,
-        "ablation": cfg.model.ablation,
-        "config_hash": cfg.hash(),
-        "data_root": str(root),
-        "world_size": world,
-        "sparse_optimizer": trainer.optimizer_note,
-        "train_days": split.train,
-        "valid_days": split.valid,
-        "valid_tail": None if split.tail_day is None else {"day": split.tail_day, "fraction": split.tail_fraction,
-                                                           "split": split.tail_split},
-        "test_days": split.test,
-        **metrics.to_dict(),
-        "num_train_samples": progress.seen,
-        "resumed_from_step": start,
-        "num_eval_samples": metrics.num_samples,
-        "train_steps": progress.steps,
-        "scheduled_steps": schedule.length,
-        "epochs_run": schedule.epoch_of(weights_step) if weights_step else 0,
-        "stopped_early": stopper.stopped,
-        # The weights the test days were scored with: the best validation point's ("restored":
-        # its epoch, step and validation metrics), or the last step's when nothing was validated.
-        "restored": None if restored is None else {**summary, "from_checkpoint": restored != weights_step},
-        "best_validation": summary,
-        "validation": stopper.history,
-        "lr_schedule": cfg.train.lr_schedule.kind,
-        "final_lr_factor": lr.factor(max(weights_step - 1, 0)),
-        "train_seconds": round(train_seconds, 3),
-        "train_samples_per_s": round((progress.seen - progress.seen_at_start) / max(train_seconds, 1e-9), 1),
-        "valid_seconds": round(validation.seconds, 3) if validation else 0.0,
-        "eval_seconds": round(eval_seconds, 3),
-        "final_train_loss": progress.loss,
-    }
+    record = run_metrics(cfg, RunContext(root, world, trainer.optimizer_note, start, threads.to_dict()), split,
+                         schedule, selection, progress, end, restored, metrics, eval_seconds)
     if id_report.active:
-        result["id_mapping_days"] = id_days
+        record["id_mapping_days"] = id_days
     if is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    return TrainResult(out_dir, _jsonable(result))
+        write_metrics(paths.out, record)
+    return TrainResult(paths.out, record)
+
+
+def _prepare_run(cfg: JobConfig, root: Path, ctx: DistContext | None, paths: RunPaths) -> None:
+    """Before the model is built: a ``checkpoint.resume=never`` start moves earlier
+    checkpoints aside, rank 0 makes sure the data exists, every rank checks its spec and
+    (sharded) that the tables fit."""
+    is_main = ctx is None or ctx.is_main
+    if is_main and cfg.checkpoint.resume == "never":
+        moved = move_aside_checkpoints(paths.checkpoints)
+        if moved is not None:
+            log.warning("checkpoint.resume=never: moved the existing checkpoints of %s aside to %s "
+                        "(this run starts fresh and will not resume from or delete them)", paths.checkpoints, moved)
+    if is_main:
+        ensure_data(cfg, root)
+    if ctx is not None:
+        dist.barrier()  # the others wait for rank 0 to (maybe) generate the data / move checkpoints
+        check_dataset_spec(root, cfg.features)
+        preflight_capacity(cfg, ctx.world_size, ctx.local_world_size)
+
+
+def _write_run_files(cfg: JobConfig, out_dir: Path, trainer: Trainer, ctx: DistContext | None) -> None:
+    """``pids/rank<r>.pid`` (sharded: operators and the fault-tolerance test kill by pid);
+    rank 0: ``config.yaml``, ``plan.json`` (sharded) and their log lines."""
+    if ctx is not None:
+        (out_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (out_dir / "pids" / f"rank{ctx.rank}.pid").write_text(f"{os.getpid()}\n")
+    if ctx is None or ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        log.info(trainer.optimizer_note)
+        if trainer.plan_rows:
+            log.info("sharding plan (world size %d):\n%s", ctx.world_size if ctx else 1, format_plan(trainer.plan_rows))
+            (out_dir / "plan.json").write_text(json.dumps(trainer.plan_rows, indent=2) + "\n")
 
 
 def _plan_data(cfg: JobConfig, root: Path, split: DaySplit, bs: int, eval_bs: int, ctx: DistContext | None
@@ -584,45 +460,3 @@ def _plan_data(cfg: JobConfig, root: Path, split: DaySplit, bs: int, eval_bs: in
     schedule = TrainSchedule(cfg.train.epochs, split.train, day_steps, cfg.train.max_steps)
     return schedule, reader, valid_reader, test_reader
 
-
-class _Progress:
-    """Per-step bookkeeping: samples seen, smoothed loss, progress bar / log lines, divergence guard."""
-
-    def __init__(self, cfg: JobConfig, schedule: TrainSchedule, start: int, seen: int, world: int, bs: int,
-                 is_main: bool) -> None:
-        self.cfg, self.world, self.is_main = cfg, world, is_main
-        self.day = schedule.entries[0][1] if schedule.entries else 0
-        self.seen = self.seen_at_start = seen
-        self.steps = start
-        self.loss: float | None = None
-        self.guard = LossGuard()
-        per_step_rows = cfg.train.batch_size if cfg.train.batch_size_scope == "global" else bs * world
-        self.bar = tqdm(total=schedule.stop * per_step_rows, initial=min(start, schedule.stop) * per_step_rows,
-                        unit="sample", disable=not (cfg.train.progress and is_main), desc=f"train {cfg.model.name}")
-        self.t0 = time.perf_counter()
-
-    def set_day(self, day: int) -> None:
-        self.day = day
-
-    def on_step(self, out: dict[str, torch.Tensor]) -> None:
-        n = out["logits"].numel() * self.world  # global samples this step (ranks step together)
-        self.seen += n
-        self.steps += 1
-        loss = out["loss"].item()
-        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
-        self.bar.update(n)
-        step = self.steps
-        self.guard.update(loss, out["bce"].item(), step)
-        if step % self.cfg.train.log_every == 0:
-            rate = (self.seen - self.seen_at_start) / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{self.loss:.4f}", samples_s=f"{rate:,.0f}", day=self.day)
-            if self.is_main and not self.cfg.train.progress:
-                log.info("day %d step %d loss %.4f %.0f samples/s", self.day, step, self.loss, rate)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    # NaN is not JSON; a metric with no valid group is reported as null, not as a fake number.
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

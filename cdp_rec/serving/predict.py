@@ -1,0 +1,153 @@
+"""``cdp-rec predict``: stream Parquet logs through a serving package -> ``request_id, item_id, score``.
+
+Input: Parquet in the training schema (:func:`cdp_rec.data.schema.table_schema` of the
+package's feature spec, histories included; ``label`` may be absent), read by the
+training loader's own reader (one row group at a time, every column validated: types,
+nulls, id ranges of dense tables, history lengths), so a bad file is the same one-line
+:class:`~cdp_rec.data.loader.DataError` naming the file, row group, column and row that
+training would give. ``--data`` is a Parquet file, a directory of ``*.parquet`` files, a
+data root with ``day=NN`` directories (all days, or those given), or a joined-layout root.
+
+Output: one row per input row, in input order: ``request_id`` int64, ``item_id`` int64
+(the raw id as logged), ``score`` float32 (the click probability). Written to
+``<out>.tmp-<pid>`` and renamed at the end, so ``out`` is complete or absent; an existing
+``out`` is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cdp_rec.config import FeatureConfig
+from cdp_rec.data.loader import (
+    DataError,
+    ParquetBatchReader,
+    check_data_root,
+    check_dataset_spec,
+    check_schema,
+    is_ignored_name,
+    list_day_files,
+)
+from cdp_rec.data.schema import Batch, table_schema
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("request_id", pa.int64(), nullable=False),
+    pa.field("item_id", pa.int64(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+])
+
+
+class ServingReader(ParquetBatchReader):
+    """The training loader's reader without the ``label`` column (neither read nor required);
+    batches carry zero labels."""
+
+    def __init__(self, files: Sequence[Path], features: FeatureConfig, batch_size: int) -> None:
+        super().__init__(files, features, batch_size)
+        self._schema = pa.schema([f for f in table_schema(features) if f.name != "label"])
+        self._single_cols = [f.name for f in self._schema if not pa.types.is_list(f.type)]
+
+    def _convert_single(self, where: str, table: pa.Table) -> dict[str, np.ndarray]:
+        single = super()._convert_single(where, table)
+        single["label"] = np.zeros(table.num_rows, dtype=np.int8)
+        return single
+
+    def convert_table(self, where: str, table: pa.Table) -> Batch:
+        """One Arrow table (any number of rows) -> one validated Batch."""
+        check_schema(Path(where), table.schema, self._schema)
+        return self._to_batch(self._convert(where, table.select(self._schema.names)))
+
+
+def arrow_to_batch(data: Any, features: FeatureConfig) -> Batch:
+    """A ``pyarrow.Table`` / ``RecordBatch`` in the training schema -> a validated Batch (the Python API's input)."""
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if not isinstance(data, pa.Table):
+        raise TypeError(f"predict() takes a cdp_rec.data.schema.Batch or a pyarrow Table / RecordBatch, "
+                        f"got {type(data).__name__}")
+    if data.num_rows == 0:
+        raise DataError("batch: no rows")
+    return ServingReader([], features, max(1, data.num_rows)).convert_table("batch", data)
+
+
+def input_files(data: Path, days: Sequence[int] = ()) -> list[Path]:
+    """The Parquet files of ``data`` in reading order (see the module docstring)."""
+    if data.is_file():
+        return [data]
+    check_data_root(data)
+    day_dirs = sorted(p for p in data.iterdir() if p.is_dir() and p.name.startswith("day="))
+    if days or day_dirs:
+        wanted = list(days) or [int(p.name.split("=", 1)[1]) for p in day_dirs if p.name[4:].isdigit()]
+        return [f for d in wanted for f in list_day_files(data, d)]
+    files = sorted(p for p in data.glob("*.parquet") if not is_ignored_name(p.name))
+    if not files:
+        raise DataError(f"{data}: no *.parquet files and no day=NN directories")
+    return files
+
+
+def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Sequence[int] = ()) -> ParquetBatchReader:
+    data = Path(data)
+    if data.is_dir():
+        check_dataset_spec(data, features)  # a data set written for another feature spec: name the key
+        from cdp_rec.data.joined import LAYOUT_FILE, JoinedBatchReader, layout_days
+
+        if (data / LAYOUT_FILE).is_file():
+            return JoinedBatchReader(data, list(days) or layout_days(data, "joined"), features, batch_size)
+    return ServingReader(input_files(data, days), features, batch_size)
+
+
+@dataclass
+class PredictStats:
+    rows: int
+    batches: int
+    files: int
+    seconds: float
+
+
+def predict_to_parquet(model: Any, data: Path, out: Path, batch_size: int = 4096, days: Sequence[int] = (),
+                       force: bool = False) -> PredictStats:
+    """Score every row of ``data`` with ``model`` (a :class:`~cdp_rec.serving.runtime.ServingModel`)."""
+    import time
+
+    import torch
+
+    out = Path(out)
+    if out.is_dir() or out.is_symlink():
+        raise DataError(f"{out}: is a directory or a link; --out names the Parquet file to write")
+    if out.exists() and not force:
+        raise DataError(f"{out}: exists; use --force to replace it")
+    reader = open_input(Path(data), model.features, batch_size, days)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = batches = 0
+    try:
+        with pq.ParquetWriter(staging, OUTPUT_SCHEMA) as writer:
+            for batch in reader:
+                scores = model.predict(batch)
+                items = batch.sparse["item_id"].values()
+                writer.write_table(pa.table({
+                    "request_id": pa.array(batch.request_ids.numpy(), pa.int64()),
+                    "item_id": pa.array(items.numpy(), pa.int64()),
+                    "score": pa.array(scores.to(torch.float32).numpy(), pa.float32()),
+                }, schema=OUTPUT_SCHEMA))
+                rows += len(batch)
+                batches += 1
+        os.replace(staging, out)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return PredictStats(rows, batches, len(getattr(reader, "files", [])), time.perf_counter() - t0)
+
+
+def iter_scores(model: Any, data: Path, batch_size: int = 4096,
+                days: Sequence[int] = ()) -> Iterator[tuple[Batch, Any]]:
+    """``(batch, scores)`` of every batch of ``data`` (the streaming core of :func:`predict_to_parquet`)."""
+    for batch in open_input(Path(data), model.features, batch_size, days):
+        yield batch, model.predict(batch)

@@ -1,0 +1,84 @@
+"""What a finished run reports: the ``metrics.json`` record.
+
+One pure function of what the run's units hold (the day split, the schedule, model
+selection, the step recorder, the test metrics, timings), so the record can be checked
+without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp_rec.config import JobConfig
+from cdp_rec.metrics import CTRMetrics
+from cdp_rec.training.loop import LoopEnd
+from cdp_rec.training.progress import Progress
+from cdp_rec.training.schedule import DaySplit, TrainSchedule
+from cdp_rec.training.selection import ModelSelection, Restored
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Run facts the record names: data root, world size, the sparse optimizer in words,
+    the global step the run resumed from, the intra-op threads (count, source, detail)."""
+
+    root: Path
+    world: int
+    optimizer_note: str
+    start: int
+    threads: dict[str, Any] | None = None
+
+
+def run_metrics(cfg: JobConfig, run: RunContext, split: DaySplit, schedule: TrainSchedule, selection: ModelSelection,
+                progress: Progress, end: LoopEnd, restored: Restored, test: CTRMetrics, eval_seconds: float
+                ) -> dict[str, Any]:
+    """The ``metrics.json`` record (NaN metrics as None)."""
+    summary = restored.summary
+    result: dict[str, Any] = {
+        "model": cfg.model.name,
+        "ablation": cfg.model.ablation,
+        "config_hash": cfg.hash(),
+        "data_root": str(run.root),
+        "world_size": run.world,
+        "sparse_optimizer": run.optimizer_note,
+        "threads": run.threads,
+        "train_days": split.train,
+        "valid_days": split.valid,
+        "valid_tail": None if split.tail_day is None else {"day": split.tail_day, "fraction": split.tail_fraction,
+                                                           "split": split.tail_split},
+        "test_days": split.test,
+        **test.to_dict(),
+        "num_train_samples": progress.seen,
+        "resumed_from_step": run.start,
+        "num_eval_samples": test.num_samples,
+        "train_steps": progress.steps,
+        "scheduled_steps": schedule.length,
+        "epochs_run": schedule.epoch_of(end.weights_step) if end.weights_step else 0,
+        "stopped_early": selection.stopped,
+        # The weights the test days were scored with: the best validation point's ("restored":
+        # its epoch, step and validation metrics), or the last step's when nothing was validated.
+        "restored": restored.record(),
+        "best_validation": summary,
+        "validation": selection.history,
+        "lr_schedule": cfg.train.lr_schedule.kind,
+        "final_lr_factor": selection.lr_factor(max(end.weights_step - 1, 0)),
+        "train_seconds": round(end.seconds, 3),
+        "train_samples_per_s": round((progress.seen - progress.seen_at_start) / max(end.seconds, 1e-9), 1),
+        "valid_seconds": round(selection.valid_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "final_train_loss": progress.loss,
+    }
+    return jsonable(result)
+
+
+def write_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(record), indent=2) + "\n")
+
+
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    # NaN is not JSON; a metric with no valid group is reported as null, not as a fake number.
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
