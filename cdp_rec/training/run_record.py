@@ -71,8 +71,22 @@ def run_metrics(cfg: JobConfig, run: RunContext, split: DaySplit, schedule: Trai
         "valid_seconds": round(selection.valid_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
         "final_train_loss": progress.loss,
+        "peak_device_memory": peak_device_memory(),
     }
     return jsonable(result)
+
+
+def peak_device_memory() -> int | None:
+    """Peak bytes the CUDA caching allocator handed out on this rank's device (None off CUDA).
+
+    What ``scripts/gpu_check.py`` holds against the plan's per-rank HBM estimate: tables,
+    optimizer state, activations and the allocator's rounding, not its cached-but-free pool.
+    """
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return int(torch.cuda.max_memory_allocated(torch.cuda.current_device()))
 
 
 def write_metrics(out_dir: Path, record: dict[str, Any]) -> None:
