@@ -35,7 +35,8 @@ from cdp_rec.config import JobConfig, load_config
 from cdp_rec.data.loader import DataError, ParquetBatchReader, dataset_files
 from cdp_rec.metrics import auc
 from cdp_rec.serving import load_package
-from cdp_rec.serving.package import MANIFEST, PackageError, digest_files, package_sha256
+from cdp_rec.checksums import digest_files
+from cdp_rec.serving.package import MANIFEST, PackageError, package_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", "cdp", "sim")

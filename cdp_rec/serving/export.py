@@ -37,9 +37,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,13 +49,13 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import Batch, id_ranges, table_schema
+from cdp_rec.checksums import digest_files
 from cdp_rec.serving.package import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     SPEC,
     PackageError,
-    digest_files,
     package_sha256,
 )
 from cdp_rec.serving.program import AOTI, CONSTANTS, PROGRAM, WEIGHTS, save_program
@@ -95,24 +93,15 @@ def export_serving(checkpoint: Path, out: Path, dtype: str = "fp32", compile: st
 def write_package(model: nn.Module, cfg: JobConfig, out: Path, dtype: str = "fp32", compile: str = "none",
                   force: bool = False, source: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Write the package of an in-memory (unsharded) model; returns ``(manifest, package sha256)``."""
-    from cdp_rec.training.checkpoint import _commit_export, check_export_target
+    from cdp_rec.training.checkpoint import check_export_target, write_staged
 
     out = Path(out)
     _check_choices(dtype, compile)
     check_export_target(out, force)
-    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier process with our pid
-        staging.mkdir()
-        manifest = _write(model.eval(), cfg, staging, dtype, compile, source or {})
-        _commit_export(staging, out, force)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise PackageError(f"{out}: export failed ({e.strerror or type(e).__name__}: {e.filename or e})") from e
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    model = model.eval()
+    manifest = write_staged(
+        out, force, lambda staging: _write(model, cfg, staging, dtype, compile, source or {}), PackageError
+    )
     return manifest, package_sha256(out)
 
 

@@ -32,20 +32,18 @@ that is not the one exported.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from cdp_rec.checksums import check_record, digest_difference, file_digest, size_difference
+
 FORMAT = "cdp-rec-serving"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPEC = "spec.json"
-CHUNK = 1 << 20
-_HEX = re.compile(r"[0-9a-f]{64}")
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", dict: "object", list: "array",
                type(None): "null"}
 
@@ -62,23 +60,7 @@ class PackageError(ValueError):
 
 
 # ----------------------------------------------------------------------------- digests
-# (The same size + SHA-256 records as cdp_rec.training.checksums, kept here so that loading
-# a package never imports the training code.)
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """``{"size": bytes, "sha256": hex}`` of one file, streamed in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def digest_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {name: file_digest(root / name) for name in names}
+# The size + SHA-256 records of cdp_rec.checksums (standard library only), as checkpoints use.
 
 
 def package_sha256(root: str | Path) -> str:
@@ -128,8 +110,7 @@ def _check_file_records(where: Path, files: dict[str, Any]) -> None:
         # Relative paths inside the package only: a record must not make us open any other file.
         if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name == MANIFEST:
             raise PackageError(f"{where}: 'files' lists {name!r}, which is not a file of the package")
-        if not isinstance(record, dict) or not isinstance(record.get("size"), int) or record["size"] < 0 \
-                or not isinstance(record.get("sha256"), str) or not _HEX.fullmatch(record["sha256"]):
+        if check_record(record) is not None:
             raise PackageError(f"{where}: 'files' entry {name!r} is not {{size, sha256}}")
 
 
@@ -151,22 +132,15 @@ def verify_package(root: Path, manifest: dict[str, Any], expected_sha256: str | 
         parts = PurePosixPath(name).parts
         if any(root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts) + 1)):
             raise PackageError(f"{path}: is (under) a symbolic link; a package holds its own files")
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise PackageError(f"{path}: missing (listed in {MANIFEST})") from None
-        except OSError as e:
-            raise PackageError(f"{path}: unreadable ({e.strerror or e})") from e
-        if size != files[name]["size"]:
-            raise PackageError(f"{path}: is {size} bytes but {files[name]['size']} were exported "
-                               "(truncated or changed after the export)")
+        bad = size_difference(path, files[name], "exported", "the export")
+        if bad == "missing":
+            bad = f"missing (listed in {MANIFEST})"
+        if bad is not None:
+            raise PackageError(f"{path}: {bad}")
     for name in sorted(files):
-        try:
-            got = file_digest(root / name)["sha256"]
-        except OSError as e:
-            raise PackageError(f"{root / name}: unreadable ({e.strerror or e})") from e
-        if got != files[name]["sha256"]:
-            raise PackageError(f"{root / name}: sha256 differs from {MANIFEST} (corrupted or changed after the export)")
+        bad = digest_difference(root / name, files[name], "exported", "the export", MANIFEST)
+        if bad is not None:
+            raise PackageError(f"{root / name}: {bad}")
 
 
 # ----------------------------------------------------------------------------- safe readers

@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from cdp_rec.config import JobConfig, config_from_dict
-from cdp_rec.training import checksums
+from cdp_rec import checksums
 from cdp_rec.training.safe_load import (
     METADATA,
     SafeFileSystemReader,
@@ -291,18 +291,27 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
+def _load_listed(path: Path, meta: dict[str, Any], file: Path, unreadable: str) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file that ``meta.json`` must list.
+
+    ``unreadable`` starts the error for a file that does not load (a cut zip, a refused
+    global, an I/O error); a file the record does not list is never opened.
+    """
+    records = _file_records(path, meta)
+    if records is not None and file.name not in records:
+        raise CheckpointError(f"{file}: not among the files {META} lists; refusing to read it")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: {unreadable} ({type(e).__name__}: {_first_line(e)})") from e
+
+
 def _read_rng(path: Path, meta: dict[str, Any]) -> torch.Tensor | None:
     """This rank's saved torch RNG state (weights-only unpickler); None if none was saved."""
     file = path / f"rng-rank{_rank()}.pt"
     if not file.is_file():
         return None  # a listed file that is missing was already refused by verify_files
-    records = _file_records(path, meta)
-    if records is not None and file.name not in records:
-        raise CheckpointError(f"{file}: not among the files {META} lists; refusing to read it")
-    try:
-        saved = torch.load(file, weights_only=True)
-    except Exception as e:  # a cut zip, a refused global, an unreadable file
-        raise CheckpointError(f"{file}: unreadable RNG state ({type(e).__name__}: {_first_line(e)})") from e
+    saved = _load_listed(path, meta, file, "unreadable RNG state")
     state = saved.get("torch") if isinstance(saved, dict) else None
     current = torch.get_rng_state()
     if not isinstance(state, torch.Tensor) or state.dtype != current.dtype or state.shape != current.shape:
@@ -315,13 +324,7 @@ def _read_states(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     file = path / STATES
     if not file.is_file():
         return {}
-    records = _file_records(path, meta)
-    if records is not None and file.name not in records:
-        raise CheckpointError(f"{file}: not among the files {META} lists; refusing to read it")
-    try:
-        saved = torch.load(file, weights_only=True)
-    except Exception as e:  # a cut zip, a refused global, an unreadable file
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)})") from e
+    saved = _load_listed(path, meta, file, "unreadable")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file}: not a dict of states")
     return saved
@@ -548,19 +551,31 @@ def export(path: Path, out: Path, force: bool = False) -> dict[str, Any]:
     model = build_model(cfg, device="meta")
     check_compatible(path, read_meta(path), cfg, table_shapes(model))
     meta = _verified(path)
+    return write_staged(out, force, lambda staging: _write_export(path, meta, model, staging), CheckpointError)
+
+
+def write_staged(out: Path, force: bool, write: Callable[[Path], T], error: type[Exception]) -> T:
+    """Run ``write(staging)`` into a fresh sibling directory of ``out``, then move it into place.
+
+    The export rules shared by ``export`` and ``export --serving``: the caller has already
+    checked the target (:func:`check_export_target`); a failed or interrupted write leaves
+    ``out`` as it was and removes the staging directory; an OSError becomes one ``error``
+    naming ``out``.
+    """
     staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier process with our pid
-        manifest = _write_export(path, meta, model, staging)
+        staging.mkdir()
+        result = write(staging)
         _commit_export(staging, out, force)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"{out}: export failed ({e.strerror or type(e).__name__}: {e.filename or e})") from e
+        raise error(f"{out}: export failed ({e.strerror or type(e).__name__}: {e.filename or e})") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return manifest
+    return result
 
 
 def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: Path) -> dict[str, Any]:

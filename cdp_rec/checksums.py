@@ -1,4 +1,8 @@
-"""Sizes and SHA-256 digests of checkpoint and export files, and their verification.
+"""Sizes and SHA-256 digests of checkpoint, export and serving-package files, and their verification.
+
+Standard library only, below every other module of the package: checkpoints
+(:mod:`cdp_rec.training.checkpoint`) and serving packages (:mod:`cdp_rec.serving.package`,
+which must load without the training code) share these records and checks.
 
 SHA-256 because ``sha256sum`` checks a file by hand and the digest doubles as a content id
 of a serving artifact; with the SHA extensions of current x86 and ARM CPUs hashlib streams
@@ -49,10 +53,13 @@ def check_record(record: Any) -> str | None:
     return None
 
 
-def size_difference(path: Path, record: dict[str, Any]) -> str | None:
+def size_difference(path: Path, record: dict[str, Any], written: str = "saved", event: str = "the save"
+                    ) -> str | None:
     """Why ``path`` does not have the recorded size (missing, truncated, grown), or None.
 
     A stat only: checking every size first finds a cut file before any hashing.
+    ``written`` / ``event`` word the message for the writer ("saved" / "the save",
+    "exported" / "the export").
     """
     try:
         size = path.stat().st_size
@@ -61,18 +68,19 @@ def size_difference(path: Path, record: dict[str, Any]) -> str | None:
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
     if size != record["size"]:
-        return f"is {size} bytes but {record['size']} were saved (truncated or changed after the save)"
+        return f"is {size} bytes but {record['size']} were {written} (truncated or changed after {event})"
     return None
 
 
-def digest_difference(path: Path, record: dict[str, Any]) -> str | None:
-    """Why ``path``'s content differs from the recorded digest, or None."""
+def digest_difference(path: Path, record: dict[str, Any], written: str = "saved", event: str = "the save",
+                      reference: str = "the saved one") -> str | None:
+    """Why ``path``'s content differs from the recorded digest (``reference`` names where it is), or None."""
     try:
         got = file_digest(path)
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
     if got["size"] != record["size"]:
-        return f"is {got['size']} bytes but {record['size']} were saved (truncated or changed after the save)"
+        return f"is {got['size']} bytes but {record['size']} were {written} (truncated or changed after {event})"
     if got[ALGORITHM] != record[ALGORITHM]:
-        return f"{ALGORITHM} differs from the saved one (corrupted or changed after the save)"
+        return f"{ALGORITHM} differs from {reference} (corrupted or changed after {event})"
     return None
