@@ -52,6 +52,33 @@ except ImportError:  # pragma: no cover - depends on the install
 if HAS_TRITON:
 
     @triton.jit
+    def _bag_range(OFFSETS, TARGET, b, window, HAS_WINDOW: tl.constexpr):
+        """Sample ``b``'s behaviours ``[start, end)`` (the last ``window`` with HAS_WINDOW) and its target."""
+        start = tl.load(OFFSETS + b)
+        end = tl.load(OFFSETS + b + 1)
+        if HAS_WINDOW:
+            start = tl.maximum(start, end - window)
+        return start, end, tl.load(TARGET + b)
+
+    @triton.jit
+    def _block_matches(IDS, CATS, PSW, lo, end, tgt, HAS_WEIGHTS: tl.constexpr, BLOCK_L: tl.constexpr):
+        """One block of ``BLOCK_L`` behaviours from ``lo``: (match mask, item ids, weights).
+
+        Ids and weights are loaded *masked by the match*, so only matching rows cost reads;
+        without per-behaviour weights the weight is the match itself (0 or 1).
+        """
+        offs_l = lo + tl.arange(0, BLOCK_L)
+        in_bag = offs_l < end
+        cat = tl.load(CATS + offs_l, mask=in_bag, other=0)
+        match = in_bag & (cat == tgt)
+        ids = tl.load(IDS + offs_l, mask=match, other=0).to(tl.int64)
+        if HAS_WEIGHTS:
+            w = tl.load(PSW + offs_l, mask=match, other=0.0).to(tl.float32)
+        else:
+            w = match.to(tl.float32)
+        return match, ids, w
+
+    @triton.jit
     def _category_filtered_pool_fwd(
         W,  # [V, D] table
         IDS,  # [N] item ids
@@ -73,26 +100,14 @@ if HAS_TRITON:
     ):
         b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
-        start = tl.load(OFFSETS + b)
-        end = tl.load(OFFSETS + b + 1)
-        if HAS_WINDOW:
-            start = tl.maximum(start, end - window)
-        tgt = tl.load(TARGET + b)
+        start, end, tgt = _bag_range(OFFSETS, TARGET, b, window, HAS_WINDOW)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         cnt = tl.zeros([BLOCK_L], dtype=tl.int32)
         wsum = tl.zeros([BLOCK_L], dtype=tl.float32)
         for lo in range(start, end, BLOCK_L):
-            offs_l = lo + tl.arange(0, BLOCK_L)
-            in_bag = offs_l < end
-            cat = tl.load(CATS + offs_l, mask=in_bag, other=0)
-            match = in_bag & (cat == tgt)
-            ids = tl.load(IDS + offs_l, mask=match, other=0).to(tl.int64)
-            if HAS_WEIGHTS:
-                w = tl.load(PSW + offs_l, mask=match, other=0.0).to(tl.float32)
-            else:
-                w = match.to(tl.float32)
+            match, ids, w = _block_matches(IDS, CATS, PSW, lo, end, tgt, HAS_WEIGHTS, BLOCK_L)
             rows = tl.load(
                 W + ids[:, None] * stride_w + offs_d[None, :],
                 mask=match[:, None] & mask_d[None, :],
@@ -137,24 +152,12 @@ if HAS_TRITON:
         pid_d = tl.program_id(1)
         den = tl.load(DEN + b)
         if den != 0.0:
-            start = tl.load(OFFSETS + b)
-            end = tl.load(OFFSETS + b + 1)
-            if HAS_WINDOW:
-                start = tl.maximum(start, end - window)
-            tgt = tl.load(TARGET + b)
+            start, end, tgt = _bag_range(OFFSETS, TARGET, b, window, HAS_WINDOW)
             offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
             g = tl.load(GRAD + b * stride_g + offs_d, mask=mask_d, other=0.0).to(tl.float32) / den
             for lo in range(start, end, BLOCK_L):
-                offs_l = lo + tl.arange(0, BLOCK_L)
-                in_bag = offs_l < end
-                cat = tl.load(CATS + offs_l, mask=in_bag, other=0)
-                match = in_bag & (cat == tgt)
-                ids = tl.load(IDS + offs_l, mask=match, other=0).to(tl.int64)
-                if HAS_WEIGHTS:
-                    w = tl.load(PSW + offs_l, mask=match, other=0.0).to(tl.float32)
-                else:
-                    w = match.to(tl.float32)
+                match, ids, w = _block_matches(IDS, CATS, PSW, lo, end, tgt, HAS_WEIGHTS, BLOCK_L)
                 tl.atomic_add(
                     GW + ids[:, None] * stride_gw + offs_d[None, :],
                     w[:, None] * g[None, :],
