@@ -201,11 +201,15 @@ def run_case(spec: dict) -> dict | list[dict]:
             batches = [share_histories(b) for b in batches]
     else:
         batches = C.synthetic_batches(cfg.features, B, L, 2, seed=spec.get("seed", 0))
-    trainer = Trainer(cfg, None)
+    cuda = spec.get("device") == "cuda"
+    if cuda:
+        trainer = _cuda_trainer(cfg)
+    else:
+        trainer = Trainer(cfg, None)
     n_params = sum(p.numel() for p in trainer.model.parameters())
 
     def on_step(out):
-        out["loss"].item()  # what the real loop does every step
+        out["loss"].item()  # what the real loop does every step (and a CUDA sync)
 
     def step(i: int) -> None:
         trainer.train_steps([batches[i % len(batches)]], on_step)
@@ -218,6 +222,10 @@ def run_case(spec: dict) -> dict | list[dict]:
     peak = max(peak, C.peak_rss_mib())
     rss_warm = C.rss_mib()
     reset_ok = C.reset_peak()
+    if cuda:
+        torch.cuda.synchronize()
+        hbm_warm = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
     cpu: list[float] = []  # process CPU time per step: blind to time spent descheduled on a loaded box
     t_start = time.perf_counter()
@@ -248,14 +256,29 @@ def run_case(spec: dict) -> dict | list[dict]:
         "params": n_params,
         "threads": torch.get_num_threads(),
         "loadavg": C.loadavg(),
+        **({"device": "cuda", "gpu": torch.cuda.get_device_name(), "hbm_after_warmup_mib": round(hbm_warm / 2**20, 1),
+            "hbm_step_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}),
     }
+
+
+def _cuda_trainer(cfg):
+    """A 1-GPU sharded trainer: DistributedModelParallel on CUDA with fbgemm's fused sparse
+    optimizer (what a GPU job runs), without the input pipeline so each step is timed alone."""
+    from cdp_rec.training.distributed import init_from_env
+    from cdp_rec.training.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(C.free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    cfg.sharding.compute_device = "cuda"
+    cfg.sharding.pipeline = False
+    return Trainer(cfg, init_from_env("cuda"))
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def _plan(args) -> list[dict]:
-    common = {"config": args.config, "threads": args.threads, "set": args.set}
+    common = {"config": args.config, "threads": args.threads, "set": args.set, "device": args.device}
     if args.quick:
         lens, batches, models = [50, 200], [64], args.models or ["base", "cdp", "din", "sim"]  # one process
         reps = {"warmup": 1, "min_steps": 2, "max_steps": 2, "min_seconds": 0.0}
@@ -299,6 +322,7 @@ def summarize(results: list[dict]) -> dict:
             "peak_rss_mib": r["peak_rss_mib"],
             "step_peak_increase_mib": r["step_peak_increase_mib"],
             "timed_steps": len(r["step_s"]),
+            **({k: r[k] for k in ("hbm_after_warmup_mib", "hbm_step_peak_mib")} if r.get("device") == "cuda" else {}),
         })
     target = {}
     check_len = TARGET_L if any(k[0] == TARGET_L for k in by) else max(k[0] for k in by)
@@ -311,7 +335,7 @@ def summarize(results: list[dict]) -> dict:
     return {"rows": rows, "target": target}
 
 
-def print_report(summary: dict, results: list[dict], wall: float, load0: float, load1: float) -> None:
+def _print_cpu_tables(summary: dict, results: list[dict]) -> None:
     threads, config = results[0]["threads"], os.path.relpath(results[0]["config"], ROOT)
     print(f"\n### Training step, unsharded single process (Trainer(cfg, None).train_steps), {threads} torch threads\n")
     print(f"Synthetic in-memory batches, exactly L behaviours per sample, {config} features "
@@ -343,6 +367,20 @@ def print_report(summary: dict, results: list[dict], wall: float, load0: float, 
                  "n/a" if r["step_peak_increase_mib"] is None else f"{r['step_peak_increase_mib']:,.0f}",
                  r["timed_steps"]] for r in requests]
         print(C.md_table(headers, rows))
+
+
+def print_report(summary: dict, results: list[dict], wall: float, load0: float, load1: float) -> None:
+    if results[0].get("device") == "cuda":
+        print(f"\n### Training step on {results[0]['gpu']}: 1-GPU sharded DMP (fused sparse optimizer, no pipeline)\n")
+        headers = ["L", "batch", "model", "step ms (median)", "samples/s", "cost/sample vs base", "HBM after warm-up MiB",
+                   "HBM step peak MiB", "steps"]
+        rows = [[r["seq_len"], r["batch"], r["model"], f"{r['median_step_ms']:.2f}", f"{r['samples_per_s']:,.0f}",
+                 "" if r["cost_per_sample_vs_base"] is None else f"{r['cost_per_sample_vs_base']:.2f}x",
+                 f"{r['hbm_after_warmup_mib']:,.0f}", f"{r['hbm_step_peak_mib']:,.0f}", r["timed_steps"]]
+                for r in summary["rows"]]
+        print(C.md_table(headers, rows))
+    else:
+        _print_cpu_tables(summary, results)
     print()
     for B, t in summary["target"].items():
         verdict = "HOLDS" if t["holds"] else "DOES NOT HOLD"
@@ -374,9 +412,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override for every case")
     ap.add_argument("--dedup", action="store_true",
                     help="request-shaped batches, each model with data.dedup_requests off and on")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: the unsharded single-process step (default); cuda: the 1-GPU sharded step "
+                         "(DistributedModelParallel, fused sparse optimizer, no input pipeline)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda" and args.dedup:
+        ap.error("--dedup runs on CPU only")
     if args.worker:  # one case, or (--quick) a list of cases in one process
         spec = json.loads(args.worker)
         print(json.dumps(_flat([run_case(s) for s in spec]) if isinstance(spec, list) else run_case(spec)))

@@ -12,9 +12,11 @@ Checks:
   env            torch / CUDA / device / Triton / fbgemm-gpu / TorchRec versions
   stack          CUDA visible; fbgemm-gpu's CUDA ops and TorchRec import
   pooling_tests  tests/test_pooling_cuda.py (Triton kernel parity, compile, memory); a skip fails
-  gpu_tests      every other test marked ``gpu`` (needs TorchRec)
+  gpu_tests      tests/test_sharding_cuda.py: TorchRec sharded training on CUDA (nccl, fbgemm's fused
+                 optimizers) equal to the CPU run / the CPU trainer, plan HBM vs held bytes
   pooling_bench  fused Triton pooling vs the [B, L, D] reference vs unfiltered embedding_bag at
                  B=4096, L=200/2000: time (CUDA events), peak HBM, bytes/s vs a device copy
+  train_step_bench  bench/train_step.py --device cuda (1-GPU sharded step, base / CDP / SIM, HBM peak)
   train_cuda     `cdp-rec train` on tiny under torchrun, sharding.compute_device=cuda, nccl,
                  fbgemm's fused sparse optimizer; peak HBM against `cdp-rec plan`'s estimate
   nccl_2rank     the same on 2 GPUs: AUC equal to 1 GPU (skipped with one GPU)
@@ -89,6 +91,10 @@ def check_stack() -> dict:
     return {"status": "pass" if not problems else "missing", "problems": problems}
 
 
+# Where a check's full pytest output goes (beside the JSON report; set by main()).
+LOG_DIR = Path(".")
+
+
 def _pytest(args: list[str], name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
@@ -100,10 +106,13 @@ def _pytest(args: list[str], name: str) -> dict:
             for suite in ET.parse(xml).getroot().iter("testsuite"):
                 for k in counts:
                     counts[k] += int(suite.get(k, 0))
+    log = LOG_DIR / f"gpu_check.{name}.log"
+    log.write_text(out.stdout + out.stderr)
     ok = out.returncode == 0 and counts["tests"] > 0 and counts["skipped"] == 0
     status = "pass" if ok else ("missing" if "No module named" in out.stdout + out.stderr else "fail")
     return {"status": status, "command": " ".join(cmd[2:]), "seconds": round(time.time() - t0, 1),
             **counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "log": str(log),
             "tail": (out.stdout + out.stderr)[-2500:] if not ok else ""}
 
 
@@ -114,7 +123,9 @@ def check_pooling_tests() -> dict:
 def check_gpu_tests() -> dict:
     if _version("torchrec") is None:
         return {"status": "missing", "problems": ["torchrec not installed: the TorchRec gpu tests cannot run"]}
-    return _pytest(["-m", "gpu", "--deselect", "tests/test_pooling_cuda.py", "tests"], "gpu_tests")
+    # Named rather than collected with -m gpu over tests/: collecting every module would
+    # import packages (torchx, ...) a bare GPU image may lack and fail for that.
+    return _pytest(["-m", "gpu", "tests/test_sharding_cuda.py"], "gpu_tests")
 
 
 def _time_cuda(fn, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
@@ -221,6 +232,19 @@ def check_pooling_bench(quick: bool) -> dict:
     return {"status": "pass", "table": [V, D], "categories": C, "copy_gbs": round(copy_gbs, 1), "rows": rows}
 
 
+def check_train_step_bench(work: Path, quick: bool) -> dict:
+    """bench/train_step.py --device cuda: the 1-GPU sharded step of base / CDP / SIM at L=200, 2000."""
+    out = work / "train_step.json"
+    lens, batch = ("200", "512") if quick else ("200,2000", "4096")
+    run = _run([sys.executable, "bench/train_step.py", "--device", "cuda", "--models", "base,cdp,sim",
+                "--seq-lens", lens, "--batches", batch, "--min-seconds", "2", "--max-steps", "20",
+                "--json", str(out)])
+    if run.returncode != 0 or not out.exists():
+        return {"status": "fail", "problems": ["bench/train_step.py --device cuda failed"],
+                "tail": (run.stdout + run.stderr)[-3000:]}
+    return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text())["rows"]}
+
+
 def _run(cmd: list[str], env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
@@ -243,6 +267,20 @@ def _train_cuda(nproc: int, work: Path) -> dict:
             "peak_device_memory": m.get("peak_device_memory"), "stdout_tail": run.stdout[-1500:]}
 
 
+def _export_on_cpu(runs: Path) -> dict:
+    """The CUDA run's last DCP checkpoint, exported by a process that sees no GPU."""
+    from cdp_rec.training.checkpoint import list_checkpoints
+
+    ckpts = [c for d in sorted(runs.rglob("checkpoints")) for c in list_checkpoints(d)]
+    if not ckpts:
+        return {"status": "fail", "problems": ["the CUDA run wrote no checkpoint"]}
+    out = _run([sys.executable, "-m", "cdp_rec.cli", "export", "--checkpoint", str(ckpts[-1]),
+                "--out", str(runs / "export-on-cpu")], env={"CUDA_VISIBLE_DEVICES": ""})
+    ok = out.returncode == 0 and any((runs / "export-on-cpu").iterdir())
+    return {"status": "pass" if ok else "fail", "checkpoint": ckpts[-1].name,
+            "tail": "" if ok else (out.stdout + out.stderr)[-1500:]}
+
+
 def check_train_cuda(work: Path) -> dict:
     stack = check_stack()
     if stack["status"] != "pass":
@@ -255,6 +293,7 @@ def check_train_cuda(work: Path) -> dict:
         res["status"], res["problems"] = "fail", [f"cdp-rec plan failed: {plan.stderr.strip()[-500:]}"]
         return res
     rank0 = json.loads(plan.stdout)["ranks"][0]
+    res["cpu_export"] = _export_on_cpu(work / "runs1")
     res["plan_rank0_hbm_bytes"] = rank0["hbm_bytes"]
     peak = res.get("peak_device_memory")
     if res["status"] == "pass":
@@ -265,6 +304,8 @@ def check_train_cuda(work: Path) -> dict:
             # layers, activations and allocator rounding, so it may exceed the plan, never by
             # more than the planner's reservation (15% of HBM) would absorb on a real run.
             res["peak_over_plan"] = round(peak / max(rank0["hbm_bytes"], 1), 3)
+    if res["status"] == "pass" and res["cpu_export"]["status"] != "pass":
+        res["status"], res["problems"] = "fail", ["exporting the CUDA checkpoint on CPU failed"]
     return res
 
 
@@ -289,10 +330,13 @@ def main() -> int:
     ap.add_argument("--checks", default="", help="comma list: run only these checks (default: all)")
     ap.add_argument("--allow-skipped", default="", help="comma list of checks whose 'skipped' does not fail the run")
     args = ap.parse_args()
+    global LOG_DIR
+    LOG_DIR = Path(args.out).resolve().parent
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "checks": {}}
     work = Path(tempfile.mkdtemp(prefix="cdp-gpu-check-"))
     steps = [("env", check_env), ("stack", check_stack), ("pooling_tests", check_pooling_tests),
              ("gpu_tests", check_gpu_tests), ("pooling_bench", lambda: check_pooling_bench(args.quick)),
+             ("train_step_bench", lambda: check_train_step_bench(work, args.quick)),
              ("train_cuda", lambda: check_train_cuda(work)),
              ("nccl_2rank", lambda: check_nccl_2rank(work, report["checks"].get("train_cuda", {})))]
     only = {c for c in args.checks.split(",") if c}

@@ -35,10 +35,12 @@ if [ "$DRY" = 1 ]; then
      env            torch/CUDA/device/Triton/fbgemm-gpu/TorchRec versions
      stack          CUDA visible, fbgemm-gpu CUDA op, TorchRec import
      pooling_tests  pytest tests/test_pooling_cuda.py (Triton parity, torch.compile, HBM); skip = fail
-     gpu_tests      pytest -m gpu (the TorchRec CUDA tests); skip = fail
+     gpu_tests      pytest tests/test_sharding_cuda.py (TorchRec on CUDA vs CPU, fused Adam, plan HBM); skip = fail
      pooling_bench  fused Triton vs [B,L,D] reference vs unfiltered embedding_bag, B=4096, L=200/2000
+     train_step_bench  bench/train_step.py --device cuda: base/CDP/SIM 1-GPU sharded step, L=200/2000, B=4096
      train_cuda     torchrun -m cdp_rec.cli train (tiny, sharding.compute_device=cuda, nccl, fused
-                    sparse optimizer) + cdp-rec plan --json: peak HBM against the plan
+                    sparse optimizer) + cdp-rec plan --json: peak HBM against the plan; its DCP
+                    checkpoint exported by a process that sees no GPU
      nccl_2rank     the same on 2 GPUs, AUC equal to 1 GPU (skipped, and failing unless allowed, with 1 GPU)
   3. one JSON report (--out)
 [gpu-check] checking that the CUDA lock resolves (PyPI, Linux x86-64, CPython 3.11)...

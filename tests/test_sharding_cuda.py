@@ -1,0 +1,443 @@
+"""TorchRec on CUDA: the sharded paths a GPU cluster runs, checked against the CPU ones.
+
+One rank (nccl on one GPU; gloo for the CPU side, both world size 1) trains the same
+batches through DistributedModelParallel with fbgemm's fused sparse optimizer:
+
+* every sharding type a 1-GPU run can place (table / row / column / table-row-wise and
+  data-parallel) for the base model (EmbeddingBagCollection), SIM (EmbeddingCollection)
+  and CDP's category-filtered path without diffusion noise (CDP draws its noise on the
+  device, so with noise the CUDA and CPU runs are different random draws): the gathered
+  tables, dense weights and eval logits equal the CPU run's (exact adagrad on both);
+* fbgemm's fused Adam, which exists only on CUDA, equals the single-process CPU trainer's
+  row-lazy Adam (same formula, touched rows only) after several steps;
+* the planner's HBM estimate for each table's shard + optimizer state against the bytes
+  the GPU holds (the CUDA twin of tests/test_plan_memory.py).
+
+Runs only where CUDA and the CUDA TorchRec stack are present (``scripts/gpu_check.sh``
+runs it as part of ``gpu_tests``); the same worker is exercised on CPU by
+``test_worker_runs_on_cpu`` so its plumbing is checked in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torchrec import KeyedJaggedTensor
+
+from bench._common import free_port
+from cdp_rec.config import JobConfig, load_config
+from cdp_rec.data.schema import Batch, sparse_keys
+
+HAS_CUDA = torch.cuda.is_available()
+STEPS = 4
+BS = 128
+MIB = 2**20
+BIG = ("item", "user", "query")
+
+# (name, model, sharding of the big tables, sparse optimizer, embedding dim)
+CASES = (
+    ("base-table_wise", "base", "table_wise", "adagrad", 16),
+    ("base-row_wise", "base", "row_wise", "adagrad", 16),
+    ("base-column_wise", "base", "column_wise", "adagrad", 256),
+    ("base-table_row_wise", "base", "table_row_wise", "adagrad", 16),
+    ("base-data_parallel", "base", "data_parallel", "adagrad", 16),
+    ("sim-row_wise", "sim", "row_wise", "adagrad", 16),
+    ("sim-table_wise", "sim", "table_wise", "adagrad", 16),
+    ("cdp_no_diffusion-row_wise", "cdp_no_diffusion", "row_wise", "adagrad", 16),
+    ("base-adam", "base", "table_wise", "adam", 16),
+)
+ROWS = 20_000
+
+
+def _config(model: str, sharding: str, optimizer: str, dim: int) -> JobConfig:
+    constraints = "{" + ", ".join(f"{t}: {sharding}" for t in BIG) + "}"
+    return load_config(None, [
+        f"model.name={model}", f"model.embedding_dim={dim}", f"features.num_items={ROWS}",
+        f"features.num_users={ROWS}", f"features.num_queries={ROWS}", "features.max_seq_len=50",
+        f"sharding.constraints={constraints}", f"sharding.sparse_optimizer={optimizer}",
+        "sharding.pipeline=false", f"train.batch_size={BS}", "train.progress=false",
+    ])
+
+
+def _batch(cfg: JobConfig, n: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    f = cfg.features
+    sizes = {"query_id": f.num_queries, "user_id": f.num_users, "item_id": f.num_items,
+             "category_id": f.num_categories, **f.context_features, **f.scene_features}
+    keys = sparse_keys(f)
+    values = [torch.randint(0, sizes[k], (n,), generator=g) for k in keys[:-2]]
+    lengths = [torch.ones(n, dtype=torch.int64) for _ in keys[:-2]]
+    hist = torch.randint(0, f.max_seq_len + 1, (n,), generator=g)
+    # Few categories in the history so the category filter keeps a real share of it.
+    values += [torch.randint(0, f.num_items, (int(hist.sum()),), generator=g),
+               torch.randint(0, min(4, f.num_categories), (int(hist.sum()),), generator=g)]
+    lengths += [hist, hist]
+    values[keys.index("category_id")] = torch.randint(0, min(4, f.num_categories), (n,), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    return Batch(kjt, torch.randint(0, 2, (n,), generator=g).float(), torch.arange(n), torch.arange(n))
+
+
+def _shard_bytes(trainer) -> dict[str, int]:
+    """Bytes this rank's shards + optimizer state of each table hold on the device."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    def nbytes(t: object) -> int:
+        if isinstance(t, ShardedTensor):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
+
+    def table_of(key: str) -> str | None:
+        for part in (".embedding_bags.", ".embeddings."):
+            if part in key:
+                return key.split(part)[1].split(".")[0]
+        return None
+
+    held: dict[str, int] = {}
+    for key, t in trainer.module.state_dict().items():
+        if (table := table_of(key)) is not None:
+            held[table] = held.get(table, 0) + nbytes(t)
+    for key, st in trainer.optimizer.state_dict()["state"].items():
+        if (table := table_of(key)) is not None:
+            held[table] = held.get(table, 0) + sum(nbytes(v) for v in st.values())
+    return held
+
+
+def _tbe_iters(dmp: torch.nn.Module) -> list[int]:
+    """fbgemm's step counter (Adam's bias correction) of every TBE kernel under ``dmp``.
+
+    TorchRec keeps its lookups in plain lists, so they are reached through its attributes.
+    """
+    out = []
+    for module in dmp.modules():
+        for lookup in getattr(module, "_lookups", []):
+            for emb in getattr(getattr(lookup, "module", lookup), "_emb_modules", []):
+                kernel = getattr(emb, "_emb_module", None)
+                if kernel is not None and hasattr(kernel, "iter_cpu"):
+                    out.append(int(kernel.iter_cpu))
+    return out
+
+
+def _plan_bytes(cfg: JobConfig, device: str) -> dict[str, int]:
+    """The planner's per-table storage estimate (HBM on CUDA, DDR on CPU) for 1 rank."""
+    from cdp_rec.models import build_model
+    from embeddings.capacity import quiet_planner, shard_estimates
+    from embeddings.sharding import plan_with_estimates
+
+    model = build_model(cfg, "meta")
+    with quiet_planner():
+        planned = plan_with_estimates(cfg, model, 1, 1, device)
+    out: dict[str, int] = {}
+    for table, _rank, _shape, storage in shard_estimates(planned, model):
+        out[table] = out.get(table, 0) + (storage.hbm if device == "cuda" else storage.ddr)
+    return out
+
+
+def _worker(rank: int, device: str, port: int, out_dir: str, names: list[str]) -> None:
+    from cdp_rec.training.distributed import init_from_env
+    from cdp_rec.training.trainer import Trainer
+    from embeddings.state import gather_full_state
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+    torch.backends.cudnn.allow_tf32 = False
+    ctx = init_from_env(device)
+    try:
+        for name, model, sharding, optimizer, dim in CASES:
+            if name not in names:
+                continue
+            cfg = _config(model, sharding, optimizer, dim)
+            trainer = Trainer(cfg, ctx)
+            losses: list[float] = []
+            iters: list[list[int]] = []  # fbgemm's per-TBE step counter (Adam's bias correction) after each step
+
+            module = trainer.module
+
+            def on_step(out: dict) -> None:
+                losses.append(float(out["loss"]))
+                iters.append(_tbe_iters(module))
+
+            steps = trainer.train_steps([_batch(cfg, BS, seed=s) for s in range(STEPS)], on_step)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            held = _shard_bytes(trainer)
+            trainer.module.eval()
+            with torch.no_grad():
+                _, out = trainer.module(trainer.model.prepare_batch(_batch(cfg, BS, seed=99)).to(trainer.device))
+            torch.save({"steps": steps, "losses": losses, "iters": iters, "state": gather_full_state(trainer.module),
+                        "logits": out["logits"].detach().cpu(), "plan": trainer.plan_rows, "held": held,
+                        "estimate": _plan_bytes(cfg, device)},
+                       Path(out_dir) / f"{name}-{device}.pt")
+            del trainer
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _unsharded(name: str) -> dict:
+    """The single-process CPU trainer (row-lazy Adam on the touched rows) on the same batches."""
+    from cdp_rec.training.trainer import Trainer
+
+    _, model, sharding, optimizer, dim = next(c for c in CASES if c[0] == name)
+    cfg = _config(model, sharding, optimizer, dim)
+    trainer = Trainer(cfg, None)
+    losses: list[float] = []
+    steps = trainer.train_steps([_batch(cfg, BS, seed=s) for s in range(STEPS)],
+                                lambda out: losses.append(float(out["loss"])))
+    trainer.module.eval()
+    with torch.no_grad():
+        _, out = trainer.module(trainer.model.prepare_batch(_batch(cfg, BS, seed=99)))
+    return {"steps": steps, "losses": losses, "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "logits": out["logits"].detach()}
+
+
+def _run(device: str, names: list[str], tmp: Path) -> dict[str, dict]:
+    mp.spawn(_worker, args=(device, free_port(), str(tmp), names), nprocs=1, join=True)
+    return {n: torch.load(tmp / f"{n}-{device}.pt", weights_only=False) for n in names}
+
+
+def _where_rows_occur(name: str, key: str, rows: list[int]) -> str:
+    """Per training batch, how often each of ``rows`` is looked up in table ``key`` (failure messages)."""
+    from cdp_rec.models import build_model
+    from embeddings.sharding import find_embedding_modules, module_table_configs
+
+    _, model, sharding, optimizer, dim = next(c for c in CASES if c[0] == name)
+    cfg = _config(model, sharding, optimizer, dim)
+    table = key.split(".")[-2]
+    features = {f for _, m in find_embedding_modules(build_model(cfg, "meta"))
+                for t in module_table_configs(m) if t.name == table for f in t.feature_names}
+    prepare = build_model(cfg, "meta").prepare_batch  # CDP looks up the category-filtered history
+    seen = []
+    for s in range(STEPS):
+        jt = prepare(_batch(cfg, BS, seed=s)).sparse.to_dict()
+        seen.append({r: {k: int((v.values() == r).sum()) for k, v in jt.items()
+                         if k in features and int((v.values() == r).sum())} for r in rows})
+    return "; ".join(f"row {r}: " + ", ".join(f"step {s + 1} {seen[s][r]}" for s in range(STEPS) if seen[s][r])
+                     for r in rows)
+
+
+def _assert_same(a: dict, b: dict, what: str, name: str, atol: float = 2e-5, rtol: float = 1e-4) -> None:
+    assert a["steps"] == b["steps"] == STEPS, what
+    problems = []
+    assert a["state"].keys() == b["state"].keys(), what
+    for key, x in a["state"].items():
+        y = b["state"][key]
+        bad = ~torch.isclose(y, x, atol=atol, rtol=rtol)
+        if bad.any():
+            d = (y - x).abs()[bad]
+            line = (f"{key}: {int(bad.sum())}/{bad.numel()} elements, |diff| max {float(d.max()):.3g} "
+                    f"median {float(d.median()):.3g}")
+            if x.dim() == 2:  # an embedding table: which rows, and where those ids occur
+                rows = bad.any(1).nonzero().squeeze(1).tolist()
+                line += f", {len(rows)} rows; first: {_where_rows_occur(name, key, rows[:6])}"
+            problems.append(line)
+    losses = torch.tensor(a["losses"]), torch.tensor(b["losses"])
+    if not torch.allclose(*losses, atol=atol, rtol=rtol):
+        problems.append(f"losses {a['losses']} vs {b['losses']}")
+    if not torch.allclose(b["logits"], a["logits"], atol=10 * atol, rtol=10 * rtol):
+        problems.append(f"eval logits: max |diff| {float((b['logits'] - a['logits']).abs().max()):.3g}")
+    if problems and "iters" in b:
+        problems.append(f"fbgemm iter after each step: {b['iters']}")
+    assert not problems, f"{what}:\n  " + "\n  ".join(problems)
+
+
+COMPARED = [c[0] for c in CASES if c[3] != "adam"]
+
+
+@pytest.fixture(scope="module")
+def cuda_and_cpu(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharding-cuda")
+    return _run("cuda", [c[0] for c in CASES], tmp), _run("cpu", COMPARED, tmp)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
+@pytest.mark.parametrize("name", COMPARED)
+def test_cuda_sharded_training_equals_cpu(cuda_and_cpu, name):
+    cuda, cpu = cuda_and_cpu
+    # The constrained tables are placed alike; the planner may place the small unconstrained
+    # ones differently per device (CUDA picked row_wise for them, CPU table_wise): one shard
+    # either way on one rank.
+    kinds = [{r["table"]: r["sharding_type"] for r in run[name]["plan"]} for run in (cuda, cpu)]
+    sharding = next(c[2] for c in CASES if c[0] == name)
+    assert all(k[t] == sharding for k in kinds for t in BIG), kinds
+    _assert_same(cpu[name], cuda[name], f"{name} cuda vs cpu", name)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
+def test_fused_adam_on_cuda_equals_row_lazy_adam(cuda_and_cpu):
+    cuda, _ = cuda_and_cpu
+    _assert_same(_unsharded("base-adam"), cuda["base-adam"], "fbgemm fused Adam (cuda) vs row-lazy Adam (cpu)",
+                 "base-adam")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
+@pytest.mark.parametrize("name", [c[0] for c in CASES if c[1] == "base"])
+def test_cuda_plan_estimate_matches_held_bytes(cuda_and_cpu, name):
+    cuda, _ = cuda_and_cpu
+    r = cuda[name]
+    ratios = {t: (r["held"].get(t, 0), r["estimate"].get(t, 0)) for t in BIG}
+    assert all(got >= MIB for got, _ in ratios.values()), ratios
+    # The excess is TorchRec's I/O buffers for the planner's default batch (test_plan_memory).
+    assert all(got <= est <= 1.05 * got for got, est in ratios.values()), (
+        name, {t: (got, est, round(est / got, 4)) for t, (got, est) in ratios.items()})
+
+
+@pytest.mark.slow
+def test_worker_runs_on_cpu(tmp_path):
+    """The CUDA tests' worker, on CPU (gloo): plumbing and the CPU side's own sanity."""
+    names = ["base-row_wise", "cdp_no_diffusion-row_wise"]
+    out = _run("cpu", names, tmp_path)
+    for name in names:
+        r = out[name]
+        assert r["steps"] == STEPS and all(torch.isfinite(torch.tensor(r["losses"])))
+        for table in BIG:
+            got, est = r["held"][table], r["estimate"][table]
+            assert got <= est <= 1.05 * got, (name, table, got, est)
+
+
+# ------------------------------------------------------------------ fbgemm's fused optimizer, alone
+# One table (50 x 8) in an EmbeddingBagCollection sharded by DMP with a fused optimizer;
+# loss = sum_b pooled_b . C_t[b] with fixed C_t, so a row's gradient at step t is the sum of
+# C_t[b] (divided by the bag's length for mean pooling) over the bags that hold it. The bags
+# cover first touches at every step, repeated touches, duplicates in a bag and across bags,
+# and empty bags. The reference is the textbook optimizer on the touched rows (global step
+# count for Adam's bias correction). Sum and mean pooling, table-wise and row-wise: TorchRec
+# pools table-wise shards inside fbgemm (its MEAN mode) but row-wise ones as SUM, dividing
+# by the lengths afterwards - the two roads to a mean.
+
+FUSED_BAGS = (
+    [[1, 2], [2], [3, 3, 4], []],
+    [[3], [4, 5, 9], [], [1]],
+    [[1, 6], [6], [6, 6], [2]],
+    [[7, 7], [3], [8], [9, 1]],
+)
+FUSED_LR = 0.05
+FUSED_ROWS, FUSED_DIM = 50, 8
+
+
+def _fused_inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(FUSED_ROWS, FUSED_DIM, generator=g) * 0.1
+    coefs = [torch.randn(len(bags), FUSED_DIM, generator=g) for bags in FUSED_BAGS]
+    return w0, coefs
+
+
+def _fused_reference(optimizer: str, pooling: str) -> list[torch.Tensor]:
+    w, coefs = _fused_inputs()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    out = []
+    for t, (bags, c) in enumerate(zip(FUSED_BAGS, coefs), start=1):
+        grad = torch.zeros_like(w)
+        for b, bag in enumerate(bags):
+            for r in bag:
+                grad[r] += c[b] / (len(bag) if pooling == "mean" else 1)
+        rows = torch.tensor(sorted({r for bag in bags for r in bag}))
+        gr = grad[rows]
+        if optimizer == "adam":
+            m[rows] = b1 * m[rows] + (1 - b1) * gr
+            v[rows] = b2 * v[rows] + (1 - b2) * gr * gr
+            w[rows] -= FUSED_LR * (m[rows] / (1 - b1**t)) / ((v[rows] / (1 - b2**t)).sqrt() + eps)
+        elif optimizer == "adagrad":  # fbgemm's exact (element-wise) adagrad
+            v[rows] += gr * gr
+            w[rows] -= FUSED_LR * gr / (v[rows].sqrt() + eps)
+        else:  # sgd
+            w[rows] -= FUSED_LR * gr
+        out.append(w.clone())
+    return out
+
+
+def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int, out_path: str) -> None:
+    import torch.distributed as dist
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from embeddings.state import gather_full_state
+
+    optimizer, pooling, sharding = case
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = torch.device(device)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t", embedding_dim=FUSED_DIM, num_embeddings=FUSED_ROWS, feature_names=["f"],
+            pooling={"sum": PoolingType.SUM, "mean": PoolingType.MEAN}[pooling])], device=torch.device("meta"))
+        opt = {"adam": EmbOptimType.ADAM, "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}
+        sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": opt[optimizer], "learning_rate": FUSED_LR})
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=1, compute_device=device),
+            constraints={"t": ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])})
+        plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(ebc, device=dev, plan=plan, sharders=[sharder])
+        w0, coefs = _fused_inputs()
+        for key, t in dmp.state_dict().items():
+            for shard in t.local_shards():
+                o, n = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(w0[o[0]:o[0] + n[0], o[1]:o[1] + n[1]])
+        weights, pooled_all, iters = [], [], []
+        for bags, c in zip(FUSED_BAGS, coefs):
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=["f"], values=torch.tensor([r for bag in bags for r in bag]),
+                lengths=torch.tensor([len(bag) for bag in bags])).to(dev)
+            pooled = dmp(kjt).to_dict()["f"]  # [B, D]
+            pooled_all.append(pooled.detach().cpu())
+            (pooled * c.to(dev)).sum().backward()  # the fused optimizer updates the rows in backward
+            weights.append(gather_full_state(dmp)["embedding_bags.t.weight"])
+            iters.append(_tbe_iters(dmp))
+        torch.save({"weights": weights, "pooled": pooled_all, "iters": iters}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fused_run(device: str, case: tuple[str, str, str], tmp: Path) -> dict:
+    out = tmp / f"fused-{device}-{'-'.join(case)}.pt"
+    mp.spawn(_fused_worker, args=(device, case, free_port(), str(out)), nprocs=1, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def _assert_matches_reference(run: dict, case: tuple[str, str, str]) -> None:
+    optimizer, pooling, _ = case
+    before = [_fused_inputs()[0]] + _fused_reference(optimizer, pooling)[:-1]
+    for t, (bags, w) in enumerate(zip(FUSED_BAGS, before), start=1):
+        want = torch.stack([w[bag].sum(0) / (len(bag) if pooling == "mean" else 1) if bag else torch.zeros(FUSED_DIM)
+                            for bag in bags])
+        torch.testing.assert_close(run["pooled"][t - 1], want, atol=1e-6, rtol=1e-5,
+                                   msg=lambda m: f"{case}: pooled output at step {t}: {m}")
+    for t, (got, want) in enumerate(zip(run["weights"], _fused_reference(optimizer, pooling)), start=1):
+        bad = (~torch.isclose(got, want, atol=1e-6, rtol=1e-5)).any(1).nonzero().squeeze(1).tolist()
+        assert not bad, (f"{case}: after step {t} rows {bad} differ from the textbook update "
+                         f"(max |diff| {float((got - want).abs().max()):.3g}); fbgemm iter per step {run['iters']}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_fused_adagrad_on_cpu_matches_the_textbook_update(tmp_path, pooling):
+    case = ("adagrad", pooling, "table_wise")
+    _assert_matches_reference(_fused_run("cpu", case, tmp_path), case)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+def test_fused_optimizer_on_cuda_matches_the_textbook_update(tmp_path, optimizer, pooling, sharding):
+    case = (optimizer, pooling, sharding)
+    _assert_matches_reference(_fused_run("cuda", case, tmp_path), case)
