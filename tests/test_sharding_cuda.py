@@ -316,45 +316,52 @@ def test_worker_runs_on_cpu(tmp_path):
 # pools table-wise shards inside fbgemm (its MEAN mode) but row-wise ones as SUM, dividing
 # by the lengths afterwards - the two roads to a mean.
 
-FUSED_BAGS = (
-    [[1, 2], [2], [3, 3, 4], []],
-    [[3], [4, 5, 9], [], [1]],
-    [[1, 6], [6], [6, 6], [2]],
-    [[7, 7], [3], [8], [9, 1]],
-)
+# Table "t" (feature "f") gets bags of 0-3 ids; table "u" (feature "g") one id per sample, like
+# the zoo's context features - the two share one fbgemm kernel when placed alike.
+FUSED_BAGS = {
+    "t": ([[1, 2], [2], [3, 3, 4], []], [[3], [4, 5, 9], [], [1]], [[1, 6], [6], [6, 6], [2]],
+          [[7, 7], [3], [8], [9, 1]]),
+    "u": ([[5], [5], [0], [7]], [[0], [1], [1], [1]], [[2], [5], [0], [9]], [[9], [9], [9], [4]]),
+}
+FEATURE = {"t": "f", "u": "g"}
 FUSED_LR = 0.05
 FUSED_ROWS, FUSED_DIM = 50, 8
+FUSED_STEPS = 4
 
 
-def _fused_inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _fused_inputs() -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
     g = torch.Generator().manual_seed(3)
-    w0 = torch.randn(FUSED_ROWS, FUSED_DIM, generator=g) * 0.1
-    coefs = [torch.randn(len(bags), FUSED_DIM, generator=g) for bags in FUSED_BAGS]
+    w0 = {t: torch.randn(FUSED_ROWS, FUSED_DIM, generator=g) * 0.1 for t in FUSED_BAGS}
+    coefs = {t: [torch.randn(len(bags), FUSED_DIM, generator=g) for bags in steps] for t, steps in FUSED_BAGS.items()}
     return w0, coefs
 
 
-def _fused_reference(optimizer: str, pooling: str) -> list[torch.Tensor]:
-    w, coefs = _fused_inputs()
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
+def _fused_reference(optimizer: str, pooling: str) -> dict[str, list[torch.Tensor]]:
+    """Each table's weights after each step under the textbook optimizer."""
+    w0, coefs = _fused_inputs()
     b1, b2, eps = 0.9, 0.999, 1e-8
-    out = []
-    for t, (bags, c) in enumerate(zip(FUSED_BAGS, coefs), start=1):
-        grad = torch.zeros_like(w)
-        for b, bag in enumerate(bags):
-            for r in bag:
-                grad[r] += c[b] / (len(bag) if pooling == "mean" else 1)
-        rows = torch.tensor(sorted({r for bag in bags for r in bag}))
-        gr = grad[rows]
-        if optimizer == "adam":
-            m[rows] = b1 * m[rows] + (1 - b1) * gr
-            v[rows] = b2 * v[rows] + (1 - b2) * gr * gr
-            w[rows] -= FUSED_LR * (m[rows] / (1 - b1**t)) / ((v[rows] / (1 - b2**t)).sqrt() + eps)
-        elif optimizer == "adagrad":  # fbgemm's exact (element-wise) adagrad
-            v[rows] += gr * gr
-            w[rows] -= FUSED_LR * gr / (v[rows].sqrt() + eps)
-        else:  # sgd
-            w[rows] -= FUSED_LR * gr
-        out.append(w.clone())
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, steps in FUSED_BAGS.items():
+        w = w0[name].clone()
+        m, v = torch.zeros_like(w), torch.zeros_like(w)
+        out[name] = []
+        for t, (bags, c) in enumerate(zip(steps, coefs[name]), start=1):
+            grad = torch.zeros_like(w)
+            for b, bag in enumerate(bags):
+                for r in bag:
+                    grad[r] += c[b] / (len(bag) if pooling == "mean" else 1)
+            rows = torch.tensor(sorted({r for bag in bags for r in bag}))
+            gr = grad[rows]
+            if optimizer == "adam":
+                m[rows] = b1 * m[rows] + (1 - b1) * gr
+                v[rows] = b2 * v[rows] + (1 - b2) * gr * gr
+                w[rows] -= FUSED_LR * (m[rows] / (1 - b1**t)) / ((v[rows] / (1 - b2**t)).sqrt() + eps)
+            elif optimizer == "adagrad":  # fbgemm's exact (element-wise) adagrad
+                v[rows] += gr * gr
+                w[rows] -= FUSED_LR * gr / (v[rows].sqrt() + eps)
+            else:  # sgd
+                w[rows] -= FUSED_LR * gr
+            out[name].append(w.clone())
     return out
 
 
@@ -376,29 +383,35 @@ def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int,
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     try:
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
-            name="t", embedding_dim=FUSED_DIM, num_embeddings=FUSED_ROWS, feature_names=["f"],
-            pooling={"sum": PoolingType.SUM, "mean": PoolingType.MEAN}[pooling])], device=torch.device("meta"))
+            name=t, embedding_dim=FUSED_DIM, num_embeddings=FUSED_ROWS, feature_names=[FEATURE[t]],
+            pooling={"sum": PoolingType.SUM, "mean": PoolingType.MEAN}[pooling]) for t in FUSED_BAGS],
+            device=torch.device("meta"))
         opt = {"adam": EmbOptimType.ADAM, "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}
         sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": opt[optimizer], "learning_rate": FUSED_LR})
-        planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=1, compute_device=device),
-            constraints={"t": ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])})
+        constraint = ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device=device),
+                                           constraints={t: constraint for t in FUSED_BAGS})
         plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(ebc, device=dev, plan=plan, sharders=[sharder])
         w0, coefs = _fused_inputs()
-        for key, t in dmp.state_dict().items():
-            for shard in t.local_shards():
+        for key, tensor in dmp.state_dict().items():
+            table = key.split(".")[-2]
+            for shard in tensor.local_shards():
                 o, n = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(w0[o[0]:o[0] + n[0], o[1]:o[1] + n[1]])
+                shard.tensor.copy_(w0[table][o[0]:o[0] + n[0], o[1]:o[1] + n[1]])
         weights, pooled_all, iters = [], [], []
-        for bags, c in zip(FUSED_BAGS, coefs):
+        for step in range(FUSED_STEPS):
+            bags = {t: FUSED_BAGS[t][step] for t in FUSED_BAGS}
             kjt = KeyedJaggedTensor.from_lengths_sync(
-                keys=["f"], values=torch.tensor([r for bag in bags for r in bag]),
-                lengths=torch.tensor([len(bag) for bag in bags])).to(dev)
-            pooled = dmp(kjt).to_dict()["f"]  # [B, D]
-            pooled_all.append(pooled.detach().cpu())
-            (pooled * c.to(dev)).sum().backward()  # the fused optimizer updates the rows in backward
-            weights.append(gather_full_state(dmp)["embedding_bags.t.weight"])
+                keys=[FEATURE[t] for t in FUSED_BAGS],
+                values=torch.tensor([r for t in FUSED_BAGS for bag in bags[t] for r in bag]),
+                lengths=torch.tensor([len(bag) for t in FUSED_BAGS for bag in bags[t]])).to(dev)
+            pooled = dmp(kjt).to_dict()  # {feature: [B, D]}
+            pooled_all.append({t: pooled[FEATURE[t]].detach().cpu() for t in FUSED_BAGS})
+            loss = sum((pooled[FEATURE[t]] * coefs[t][step].to(dev)).sum() for t in FUSED_BAGS)
+            loss.backward()  # the fused optimizer updates the rows in backward
+            state = gather_full_state(dmp)
+            weights.append({t: state[f"embedding_bags.{t}.weight"] for t in FUSED_BAGS})
             iters.append(_tbe_iters(dmp))
         torch.save({"weights": weights, "pooled": pooled_all, "iters": iters}, out_path)
     finally:
@@ -413,16 +426,24 @@ def _fused_run(device: str, case: tuple[str, str, str], tmp: Path) -> dict:
 
 def _assert_matches_reference(run: dict, case: tuple[str, str, str]) -> None:
     optimizer, pooling, _ = case
-    before = [_fused_inputs()[0]] + _fused_reference(optimizer, pooling)[:-1]
-    for t, (bags, w) in enumerate(zip(FUSED_BAGS, before), start=1):
-        want = torch.stack([w[bag].sum(0) / (len(bag) if pooling == "mean" else 1) if bag else torch.zeros(FUSED_DIM)
-                            for bag in bags])
-        torch.testing.assert_close(run["pooled"][t - 1], want, atol=1e-6, rtol=1e-5,
-                                   msg=lambda m: f"{case}: pooled output at step {t}: {m}")
-    for t, (got, want) in enumerate(zip(run["weights"], _fused_reference(optimizer, pooling)), start=1):
-        bad = (~torch.isclose(got, want, atol=1e-6, rtol=1e-5)).any(1).nonzero().squeeze(1).tolist()
-        assert not bad, (f"{case}: after step {t} rows {bad} differ from the textbook update "
-                         f"(max |diff| {float((got - want).abs().max()):.3g}); fbgemm iter per step {run['iters']}")
+    w0, _ = _fused_inputs()
+    ref = _fused_reference(optimizer, pooling)
+    problems = []
+    for t in FUSED_BAGS:
+        before = [w0[t]] + ref[t][:-1]
+        for step, (bags, w) in enumerate(zip(FUSED_BAGS[t], before)):
+            want = torch.stack([w[bag].sum(0) / (len(bag) if pooling == "mean" else 1) if bag
+                                else torch.zeros(FUSED_DIM) for bag in bags])
+            if not torch.allclose(run["pooled"][step][t], want, atol=1e-6, rtol=1e-5):
+                problems.append(f"table {t}: pooled output at step {step + 1} differs "
+                                f"(max |diff| {float((run['pooled'][step][t] - want).abs().max()):.3g})")
+        for step, want in enumerate(ref[t]):
+            got = run["weights"][step][t]
+            bad = (~torch.isclose(got, want, atol=1e-6, rtol=1e-5)).any(1).nonzero().squeeze(1).tolist()
+            if bad:
+                problems.append(f"table {t}: after step {step + 1} rows {bad} differ from the textbook update "
+                                f"(max |diff| {float((got - want).abs().max()):.3g})")
+    assert not problems, f"{case}:\n  " + "\n  ".join(problems + [f"fbgemm iter per step {run['iters']}"])
 
 
 @pytest.mark.slow
