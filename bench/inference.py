@@ -182,10 +182,13 @@ def run_case(spec: dict) -> dict:
     L, B = spec["seq_len"], spec["batch"]
     cfgs = {m: C.bench_config(spec["config"], [f"features.max_seq_len={L}", f"model.name={m}", *spec.get("set", [])])
             for m in ("base", "cdp")}
+    dev = torch.device(spec.get("device", "cpu"))
     torch.manual_seed(0)
-    models = {m: build_model(cfg).eval() for m, cfg in cfgs.items()}
+    models = {m: build_model(cfg).eval().to(dev) for m, cfg in cfgs.items()}
     cdp = models["cdp"]
-    batches = C.synthetic_batches(cfgs["cdp"].features, B, L, 4, seed=1)
+    batches = [b.to(dev) for b in C.synthetic_batches(cfgs["cdp"].features, B, L, 4, seed=1)]
+    # On CUDA a call returns once its kernels are queued: wait for them so a call's time is its cost.
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def score(model):
         state = {"i": 0}
@@ -193,7 +196,9 @@ def run_case(spec: dict) -> dict:
         def call():
             b = batches[state["i"] % len(batches)]
             state["i"] += 1
-            return model(model.prepare_batch(b))[1]["logits"]
+            out = model(model.prepare_batch(b))[1]["logits"]
+            sync()
+            return out
 
         return call
 
@@ -216,11 +221,16 @@ def run_case(spec: dict) -> dict:
         with skip:
             return score_skipped()
 
+    def loop_alone():
+        out = loop(x0, c)
+        sync()
+        return out
+
     variants = {
         "base": score(models["base"]),
         "cdp": score(cdp),
         "cdp, no loop": cdp_no_loop,
-        "loop alone": lambda: loop(x0, c),
+        "loop alone": loop_alone,
     }
     for k in spec.get("sample_steps", []):
         variants[f"cdp K={k}"] = _with_sampler(cdp, k, score(cdp))
@@ -250,7 +260,12 @@ def run_case(spec: dict) -> dict:
                 b = cdp(cdp.prepare_batch(batches[0]))[1]["logits"]
             result["compiled_forward_max_abs_diff"] = float((a - b).abs().max())
             variants["cdp, compiled loop"] = cdp_compiled
-            variants["loop alone, compiled"] = lambda: compiled(x0, c)
+            def loop_alone_compiled():
+                out = compiled(x0, c)
+                sync()
+                return out
+
+            variants["loop alone, compiled"] = loop_alone_compiled
         except Exception as e:  # noqa: BLE001 -- any compiler problem: report and go on without it
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             result["compile_error"] = f"{type(e).__name__}: {first}"
@@ -280,6 +295,7 @@ def run_case(spec: dict) -> dict:
     }
     result["threads"] = torch.get_num_threads()
     result["loadavg"] = C.loadavg()
+    result["device"] = dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     return result
 
 
@@ -328,8 +344,9 @@ def summarize(results: list[dict]) -> dict:
 def print_report(summary: dict, results: list[dict], wall: float, load0: float, load1: float) -> None:
     r0 = results[0]
     config = os.path.relpath(r0["config"], ROOT)
+    where = f"on {r0['device']}" if r0.get("device", "cpu") != "cpu" else f"{r0['threads']} torch threads"
     print(f"\n### Scoring latency per batch (prepare_batch + forward, eval, torch.inference_mode), "
-          f"{r0['threads']} torch threads, {config}\n")
+          f"{where}, {config}\n")
     calls = min(r0.get("configured_sample_steps") or r0["inference_steps"], r0["inference_steps"])
     print(f"Synthetic batches, exactly L behaviours per sample; CDP's reverse process = {calls} denoiser calls "
           f"(model.diffusion.sample_steps of {r0['inference_steps']} steps). Median / p99 (nearest rank) ms per "
@@ -431,6 +448,8 @@ def main() -> None:
                          "step); --quick: 1,0")
     ap.add_argument("--checkpoint", help="also score this checkpoint's test days once per K (AUC vs K)")
     ap.add_argument("--data", help="data root for --checkpoint (default: its config's data.root)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the (unsharded, eval-mode) models score; cuda: every call is synchronised")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -438,6 +457,8 @@ def main() -> None:
         spec = json.loads(args.worker)
         print(json.dumps([run_case(s) for s in spec] if isinstance(spec, list) else run_case(spec)))
         return
+    if args.device == "cuda" and args.checkpoint:
+        ap.error("--checkpoint scores on CPU only")
     if args.quick:
         if args.config == DEFAULT_CONFIG:
             args.config = str(ROOT / "configs/tiny.yaml")
@@ -450,7 +471,8 @@ def main() -> None:
     if args.sample_steps is None:
         args.sample_steps = [1, 0] if args.quick else []
     for spec in plan:
-        spec.update(config=args.config, threads=args.threads, set=args.set, sample_steps=args.sample_steps)
+        spec.update(config=args.config, threads=args.threads, set=args.set, sample_steps=args.sample_steps,
+                    device=args.device)
 
     C.warn_if_loaded(args.threads)
     t0, load0 = time.perf_counter(), C.loadavg()

@@ -17,6 +17,7 @@ Checks:
   pooling_bench  fused Triton pooling vs the [B, L, D] reference vs unfiltered embedding_bag at
                  B=4096, L=200/2000: time (CUDA events), peak HBM, bytes/s vs a device copy
   train_step_bench  bench/train_step.py --device cuda (1-GPU sharded step, base / CDP / SIM, HBM peak)
+  inference_bench   bench/inference.py --device cuda (base vs CDP scoring latency, B=512, L=200/2000)
   train_cuda     `cdp-rec train` on tiny under torchrun, sharding.compute_device=cuda, nccl,
                  fbgemm's fused sparse optimizer; peak HBM against `cdp-rec plan`'s estimate
   nccl_2rank     the same on 2 GPUs: AUC equal to 1 GPU (skipped with one GPU)
@@ -245,6 +246,18 @@ def check_train_step_bench(work: Path, quick: bool) -> dict:
     return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text())["rows"]}
 
 
+def check_inference_bench(work: Path, quick: bool) -> dict:
+    """bench/inference.py --device cuda: base vs CDP scoring latency (eager and compiled loop)."""
+    out = work / "inference.json"
+    lens = "200" if quick else "200,2000"
+    run = _run([sys.executable, "bench/inference.py", "--device", "cuda", "--seq-lens", lens, "--batches", "512",
+                "--min-seconds", "3", "--max-rounds", "30", "--json", str(out)])
+    if run.returncode != 0 or not out.exists():
+        return {"status": "fail", "problems": ["bench/inference.py --device cuda failed"],
+                "tail": (run.stdout + run.stderr)[-3000:]}
+    return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text()).get("rows")}
+
+
 def _run(cmd: list[str], env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
@@ -337,6 +350,7 @@ def main() -> int:
     steps = [("env", check_env), ("stack", check_stack), ("pooling_tests", check_pooling_tests),
              ("gpu_tests", check_gpu_tests), ("pooling_bench", lambda: check_pooling_bench(args.quick)),
              ("train_step_bench", lambda: check_train_step_bench(work, args.quick)),
+             ("inference_bench", lambda: check_inference_bench(work, args.quick)),
              ("train_cuda", lambda: check_train_cuda(work)),
              ("nccl_2rank", lambda: check_nccl_2rank(work, report["checks"].get("train_cuda", {})))]
     only = {c for c in args.checks.split(",") if c}

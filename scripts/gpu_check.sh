@@ -38,6 +38,7 @@ if [ "$DRY" = 1 ]; then
      gpu_tests      pytest tests/test_sharding_cuda.py (TorchRec on CUDA vs CPU, fused Adam, plan HBM); skip = fail
      pooling_bench  fused Triton vs [B,L,D] reference vs unfiltered embedding_bag, B=4096, L=200/2000
      train_step_bench  bench/train_step.py --device cuda: base/CDP/SIM 1-GPU sharded step, L=200/2000, B=4096
+     inference_bench   bench/inference.py --device cuda: base vs CDP scoring latency, L=200/2000, B=512
      train_cuda     torchrun -m cdp_rec.cli train (tiny, sharding.compute_device=cuda, nccl, fused
                     sparse optimizer) + cdp-rec plan --json: peak HBM against the plan; its DCP
                     checkpoint exported by a process that sees no GPU
