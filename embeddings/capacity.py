@@ -59,6 +59,7 @@ from embeddings.optimizer_state import (
 )
 from embeddings.sharding import (
     GB,
+    PLANNER_HBM_RESERVE,
     NoPlacementError,
     PlannedSharding,
     TableLocation,
@@ -724,6 +725,15 @@ def format_ranks(ranks: list[int]) -> str:
     return ",".join(parts)
 
 
+def _replicated_reserve(r: CapacityReport) -> int:
+    """Bytes per device the planner's storage reservation set aside beyond its HBM margin
+    (TorchRec's heuristic: dense parameters x 6, buffers, input KJTs) on the tier the
+    tables live in."""
+    if r.hbm_capacity > 0:
+        return max(0, round(r.hbm_capacity * (1 - PLANNER_HBM_RESERVE)) - r.hbm_available)
+    return max(0, r.ddr_capacity - r.ddr_available)
+
+
 def format_report(report: CapacityReport, steps: list[SearchStep] | None = None) -> str:
     """The report as text: header, one line per table, ranks with equal use grouped."""
     r = report
@@ -737,7 +747,8 @@ def format_report(report: CapacityReport, steps: list[SearchStep] | None = None)
         f"capacity plan: {r.config} (model {r.model}), {r.world_size} x {r.compute_device}, "
         f"{hosts} host{'s' * (hosts != 1)} x {r.local_world_size}",
         "per device: " + ", ".join(mem) + "; 'left' = after the planner's reservation "
-        "(15% of HBM, dense layers, batch inputs)",
+        f"({'15% of HBM + ' if hbm else ''}{_gib(_replicated_reserve(r))} for what every rank holds whole: dense layers with "
+        "their gradients and optimizer state, buffers such as lr_counts' count tables, batch inputs)",
         f"sparse optimizer state: {describe_optimizer(r.sparse_optimizer)}; the planner counts it per shard "
         f"and places around it: 'weights' (weights, cache, I/O buffers) + 'optim' is its estimate",
     ]

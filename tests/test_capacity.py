@@ -367,3 +367,21 @@ def test_sequence_model_refuses_shardings_its_collection_lacks(capsys, kind, mes
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "sharding.constraints.item" in err and message in err
+
+
+def test_lr_counts_replicated_count_tables_are_reserved_on_every_device_and_shown():
+    # lr_counts keeps float64 click / impression counts per bucket of user, item, query,
+    # category and (user, category) on every rank: buffers the planner reserves beside the
+    # dense layers, not tables it places. The report says how much that reservation is.
+    cfg = cuda_cfg("model.name=lr_counts", "features.num_users=20000000", "features.num_items=10000000",
+                   "features.num_queries=1000000")
+    f = cfg.features
+    buckets = f.num_users + f.num_items + f.num_queries + f.num_categories + min(f.num_users * f.num_categories, 2**22)
+    counts = 2 * 8 * buckets
+    report = cap.plan_capacity(cfg, 8, 8)
+    base = cap.plan_capacity(cuda_cfg("features.num_users=20000000", "features.num_items=10000000",
+                                      "features.num_queries=1000000", "model.name=base"), 8, 8)
+    reserve = cap._replicated_reserve(report)
+    assert counts <= reserve <= counts * 1.01 + cap._replicated_reserve(base)
+    assert report.hbm_available == pytest.approx(report.hbm_capacity * 0.85 - reserve, abs=1)
+    assert f"{reserve / GIB:.2f} GiB for what every rank holds whole" in cap.format_report(report)
