@@ -326,6 +326,35 @@ def test_bad_input_errors_name_the_file_and_column(roots, tmp_path):
         J.JoinedBatchReader(bad, 0, cfg.features, 64)
 
 
+def test_stray_entries_and_empty_days_are_refused_like_the_rows_layout(roots, tmp_path, caplog):
+    cfg = small_config()
+    bad = tmp_path / "bad"
+    shutil.copytree(roots["joined"], bad)
+    day = bad / "day=01"
+    (day / "_SUCCESS").write_text("")  # bookkeeping names are skipped, as in the rows layout
+    J.JoinedBatchReader(bad, 1, cfg.features, 64)
+    # A Parquet file under another name, or a bucket of an earlier bucket count, would be left out.
+    shutil.copy(J.impression_file(bad, 1, 0), day / "bucket=0007.parquet")
+    shutil.copy(J.impression_file(bad, 1, 0), day / "extra.parquet")
+    for rank in (0, 1):  # every rank checks the whole day
+        with pytest.raises(DataError, match=r"day=01: 2 entries that are not one of the 4 bucket files "
+                                            r"\(bucket=0000.parquet ..\) would be ignored: bucket=0007.parquet, extra.parquet"):
+            J.JoinedBatchReader(bad, [0, 1], cfg.features, 64, rank=rank, world_size=2)
+    (day / "bucket=0007.parquet").unlink()
+    (day / "extra.parquet").unlink()
+    # A day whose bucket files hold no rows at all.
+    for b in range(4):
+        path = J.impression_file(bad, 1, b)
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(DataError, match=r"day=01: day=01 has 0 rows in its 4 bucket file\(s\); "
+                                        r"set data.allow_empty_days=true"):
+        J.JoinedBatchReader(bad, [0, 1], cfg.features, 64)
+    with caplog.at_level("WARNING"):
+        reader = J.JoinedBatchReader(bad, [0, 1], cfg.features, 64, allow_empty_days=True)
+    assert "skipped (data.allow_empty_days)" in caplog.text
+    assert sum(len(b) for b in reader) == sum(len(b) for b in J.JoinedBatchReader(bad, 0, cfg.features, 64))
+
+
 # --------------------------------------------------------------------------- config, CLI, training
 
 

@@ -65,6 +65,7 @@ the wrong bucket, unsorted behaviour parts, decreasing ``impression_id``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -85,14 +86,18 @@ from cdp_rec.data.loader import (
     _check_range,
     _Columns,
     _open,
+    _num_rows,
     check_data_root,
     check_schema,
     dataset_files,
+    is_ignored_name,
     read_json_file,
     row_groups,
 )
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data.writer import Behaviours, write_parquet
+
+log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "_layout.json"
 LAYOUT_VERSION = 1
@@ -355,6 +360,7 @@ class JoinedBatchReader(ParquetBatchReader):
         world_size: int = 1,
         drop_last: bool = False,
         dedup_requests: bool = False,
+        allow_empty_days: bool = False,
     ) -> None:
         super().__init__([], features, batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
                          dedup_requests=dedup_requests)
@@ -375,9 +381,7 @@ class JoinedBatchReader(ParquetBatchReader):
         # their impression files.
         self.units: list[tuple[int, int]] = []
         for day in self.days:
-            day_dir = self.root / day_dir_name(day)
-            if not day_dir.is_dir():
-                raise DataError(f"{day_dir}: day directory not found")
+            self._check_day(day, allow_empty_days)
             for b in self.buckets:
                 path = impression_file(self.root, day, b)
                 if not path.is_file():
@@ -387,6 +391,31 @@ class JoinedBatchReader(ParquetBatchReader):
         if not (self.root / BEHAVIORS_DIR).is_dir():
             raise DataError(f"{self.root / BEHAVIORS_DIR}: behaviour log directory not found")
         self._imp_schema = impression_schema(features)
+
+    def _check_day(self, day: int, allow_empty: bool) -> None:
+        """The rows layout's day checks (:func:`~cdp_rec.data.loader.list_day_files`) for a
+        joined day: an entry that is not one of the ``num_user_buckets`` impression files
+        (a stray Parquet file, or a bucket of an earlier bucket count) would be silently
+        left out, and a day whose files hold no rows at all is refused unless allowed.
+        Every rank checks the whole day, so all ranks agree."""
+        day_dir = self.root / day_dir_name(day)
+        if not day_dir.is_dir():
+            raise DataError(f"{day_dir}: day directory not found")
+        expected = {impression_file(self.root, day, b).name for b in range(self.num_buckets)}
+        stray = sorted(p.name for p in day_dir.iterdir() if p.name not in expected and not is_ignored_name(p.name))
+        if stray:
+            shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+            raise DataError(
+                f"{day_dir}: {len(stray)} entr{'y' if len(stray) == 1 else 'ies'} that {'is' if len(stray) == 1 else 'are'}"
+                f" not one of the {self.num_buckets} bucket files (bucket=0000.parquet ..) would be ignored: {shown}; "
+                "rename or move them (names starting with '.' or '_' or ending in .tmp are skipped)"
+            )
+        files = [day_dir / name for name in sorted(expected) if (day_dir / name).is_file()]
+        if files and not any(_num_rows(f) for f in files):
+            message = f"{day_dir}: {day_dir_name(day)} has 0 rows in its {len(files)} bucket file(s)"
+            if not allow_empty:
+                raise DataError(f"{message}; set data.allow_empty_days=true to skip empty days")
+            log.warning("%s; skipped (data.allow_empty_days)", message)
 
     def _blocks(self) -> Iterator[_Columns]:
         for day, bucket in self.units:
@@ -533,7 +562,7 @@ def open_reader(
         )
     if cfg.data.layout == "joined":
         return JoinedBatchReader(root, day_list, cfg.features, batch_size, rank=rank, world_size=world_size,
-                                 dedup_requests=cfg.data.dedup_requests)
+                                 dedup_requests=cfg.data.dedup_requests, allow_empty_days=cfg.data.allow_empty_days)
     if cfg.data.layout == "rows":
         files = dataset_files(root, day_list, allow_empty=cfg.data.allow_empty_days)
         return ParquetBatchReader(files, cfg.features, batch_size, rank=rank, world_size=world_size,
