@@ -208,6 +208,44 @@ def test_second_train_on_a_locked_run_dir_exits_2_naming_the_holder(small_data, 
         holder.wait()
 
 
+_CKPT_HOLDER = """
+import sys, time
+from cdp_rec.training.run_lock import acquire_checkpoint_lock
+lock = acquire_checkpoint_lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_shared_custom_checkpoint_dir_is_refused_to_a_second_run(small_data, tmp_path):
+    from cdp_rec.training.run_lock import RunLockError, acquire_checkpoint_lock, checkpoint_lock_path
+
+    ckpt = tmp_path / "shared-ckpts"
+    assert checkpoint_lock_path(ckpt) == tmp_path / ".shared-ckpts.lock"  # beside it: survives a move-aside
+    with acquire_checkpoint_lock(ckpt):
+        with pytest.raises(RunLockError, match=rf"checkpoint directory {ckpt} is in use by pid {os.getpid()} .*"
+                                               r"give each run its own checkpoint.dir"):
+            acquire_checkpoint_lock(ckpt)
+    assert not checkpoint_lock_path(ckpt).exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", _CKPT_HOLDER, str(ckpt)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cdp_rec.cli", "train", *_sets(*SMALL, f"data.root={small_data}",
+             f"train.run_dir={tmp_path / 'runs'}", "train.run_name=other", f"checkpoint.dir={ckpt}",
+             "train.progress=false")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"checkpoint directory {ckpt} is in use by pid {holder.pid}" in lines[0], r.stderr
+        assert not (tmp_path / "runs" / "other" / ".lock").exists()  # the run lock was given back
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_lock_is_exclusive_in_process_and_released(tmp_path):
     from cdp_rec.training.run_lock import RunLockError, acquire_run_lock
 

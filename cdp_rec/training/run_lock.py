@@ -8,6 +8,10 @@ For file systems whose flock outlives the process (or a child that inherited the
 descriptor), a lock file naming a pid that is no longer alive on this very host is also
 treated as stale: it is removed and a fresh one is locked.
 
+A custom ``checkpoint.dir`` (outside the run directory) is locked the same way, through
+a sibling file ``.<name>.lock`` (:func:`acquire_checkpoint_lock`): two runs of different
+names must not write, prune and resume from one checkpoint directory.
+
 In a distributed job only rank 0 locks (the other ranks belong to the same job); a
 torchrun restart's new rank 0 re-takes the lock because the old rank 0 is dead (the
 agent stops all workers before restarting them).
@@ -87,7 +91,27 @@ def acquire_run_lock(run_dir: str | Path, wait_s: float = 0.0) -> RunLock:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    return _acquire(run_dir / LOCK_FILE, wait_s, f"run directory {run_dir}",
+                    "use another train.run_dir / train.run_name")
+
+
+def checkpoint_lock_path(ckpt_dir: str | Path) -> Path:
+    """The lock of a custom ``checkpoint.dir``: a sibling file, not a file inside it, because
+    a fresh run moves an earlier run's checkpoint directory aside by renaming it."""
+    ckpt_dir = Path(ckpt_dir)
+    return ckpt_dir.parent / f".{ckpt_dir.name}.lock"
+
+
+def acquire_checkpoint_lock(ckpt_dir: str | Path, wait_s: float = 0.0) -> RunLock:
+    """Lock a ``checkpoint.dir`` outside the run directory (two runs with different run
+    names would otherwise write, prune and resume from one directory)."""
+    path = checkpoint_lock_path(ckpt_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _acquire(path, wait_s, f"checkpoint directory {ckpt_dir}",
+                    "give each run its own checkpoint.dir")
+
+
+def _acquire(path: Path, wait_s: float, what: str, advice: str) -> RunLock:
     host = socket.gethostname()
     deadline = time.monotonic() + wait_s
     removed_stale = False
@@ -115,9 +139,9 @@ def acquire_run_lock(run_dir: str | Path, wait_s: float = 0.0) -> RunLock:
                 time.sleep(0.2)
                 continue
             raise RunLockError(
-                f"run directory {run_dir} is in use by pid {pid if pid is not None else '?'} on host "
+                f"{what} is in use by pid {pid if pid is not None else '?'} on host "
                 f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it to finish, "
-                f"or use another train.run_dir / train.run_name"
+                f"or {advice}"
             ) from None
         # Locked. If the file was replaced meanwhile (a releaser unlinked it, or a stale lock
         # was removed), we hold an orphaned inode: start over on the current file.

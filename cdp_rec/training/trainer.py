@@ -65,7 +65,7 @@ from cdp_rec.training.optim import build_optimizers, build_sharded_optimizer, us
 from cdp_rec.training.progress import LossGuard, Progress, TrainingError
 from cdp_rec.training.regularize import EmbeddingL2
 from cdp_rec.training.run_dirs import RunPaths, move_aside_checkpoints, run_name, run_paths
-from cdp_rec.training.run_lock import RunLock, acquire_run_lock
+from cdp_rec.training.run_lock import RunLock, acquire_checkpoint_lock, acquire_run_lock
 from cdp_rec.training.run_record import RunContext, run_metrics, write_metrics
 from cdp_rec.training.schedule import (
     BatchSource,
@@ -302,19 +302,24 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
     Distributed when launched by torchrun / torchx (``WORLD_SIZE`` in the environment).
     """
     ctx = init_from_env(cfg.sharding.compute_device) if launched_distributed() else None
-    lock: RunLock | None = None
+    locks: list[RunLock] = []
     try:
         if ctx is None or ctx.is_main:
             # One job per run directory; only rank 0 locks (the other ranks are the same job).
             # A torchrun restart's rank 0 waits briefly for the previous one to be gone.
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-            lock = acquire_run_lock(Path(cfg.train.run_dir) / run_name(cfg), wait_s=30.0 if restarted else 0.0)
+            wait = 30.0 if restarted else 0.0
+            run = Path(cfg.train.run_dir) / run_name(cfg)
+            locks.append(acquire_run_lock(run, wait_s=wait))
+            ckpt = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+            if ckpt is not None and not ckpt.resolve().is_relative_to(run.resolve()):
+                locks.append(acquire_checkpoint_lock(ckpt, wait_s=wait))
         with torch_threads(pick_threads(cfg.train.threads, ctx.local_world_size if ctx else 1)) as threads:
             if ctx is None or ctx.is_main:
                 log.info("torch: %s", threads.describe())
             return _train(cfg, Path(data_root or cfg.data.root), ctx, threads)
     finally:
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
         if ctx is not None and dist.is_initialized():
             dist.destroy_process_group()
