@@ -49,6 +49,13 @@ CASES = (
     ("sim-table_wise", "sim", "table_wise", "adagrad", 16),
     ("cdp_no_diffusion-row_wise", "cdp_no_diffusion", "row_wise", "adagrad", 16),
     ("base-adam", "base", "table_wise", "adam", 16),
+    # SGD is linear in the gradient: rounding differences stay rounding-sized, where adagrad's
+    # first step turns any near-zero gradient into +-lr. These separate "a different road"
+    # from "amplified rounding" for the table-wise / data-parallel cases.
+    ("base-table_wise-sgd", "base", "table_wise", "sgd", 16),
+    ("base-row_wise-sgd", "base", "row_wise", "sgd", 16),
+    ("base-data_parallel-sgd", "base", "data_parallel", "sgd", 16),
+    ("sim-table_wise-sgd", "sim", "table_wise", "sgd", 16),
 )
 ROWS = 20_000
 
