@@ -7,15 +7,20 @@ batches through DistributedModelParallel with fbgemm's fused sparse optimizer:
   data-parallel) for the base model (EmbeddingBagCollection), SIM (EmbeddingCollection)
   and CDP's category-filtered path without diffusion noise (CDP draws its noise on the
   device, so with noise the CUDA and CPU runs are different random draws): the gathered
-  tables, dense weights and eval logits equal the CPU run's (exact adagrad on both);
+  tables, dense weights and eval logits equal the CPU run's (exact adagrad, and SGD, on
+  both);
 * fbgemm's fused Adam, which exists only on CUDA, equals the single-process CPU trainer's
   row-lazy Adam (same formula, touched rows only) after several steps;
 * the planner's HBM estimate for each table's shard + optimizer state against the bytes
-  the GPU holds (the CUDA twin of tests/test_plan_memory.py).
+  the GPU holds (the CUDA twin of tests/test_plan_memory.py);
+* fbgemm's fused optimizers on two small tables sharing one kernel against the textbook
+  update, for both pooling roads TorchRec takes (bottom of the file).
 
 Runs only where CUDA and the CUDA TorchRec stack are present (``scripts/gpu_check.sh``
-runs it as part of ``gpu_tests``); the same worker is exercised on CPU by
-``test_worker_runs_on_cpu`` so its plumbing is checked in CI.
+runs it as part of ``gpu_tests``); the same workers are exercised on CPU by
+``test_worker_runs_on_cpu`` and ``test_fused_adagrad_on_cpu_matches_the_textbook_update``
+so their plumbing is checked in CI. Last GPU run, what passed and what did not:
+docs/performance.md, "On a GPU".
 """
 
 from __future__ import annotations
