@@ -172,6 +172,11 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
         status = traceback.format_exc()
     finally:
         Path(result_dir, f"rank{rank}.txt").write_text(status)
+        if status == "ok":
+            # Both ranks leave their last collective before either tears gloo down: a rank
+            # destroying the group while its peer's work threads still ran aborted once
+            # ("terminate called without an active exception") on a loaded machine.
+            dist.barrier()
         dist.destroy_process_group()
 
 
