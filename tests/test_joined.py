@@ -355,6 +355,30 @@ def test_stray_entries_and_empty_days_are_refused_like_the_rows_layout(roots, tm
     assert sum(len(b) for b in reader) == sum(len(b) for b in J.JoinedBatchReader(bad, 0, cfg.features, 64))
 
 
+def test_convert_carries_an_empty_day_only_when_allowed(roots, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(roots["joined"], src)
+    for b in range(4):
+        path = J.impression_file(src, 1, b)
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+    cfg = small_config("rows")
+    with pytest.raises(DataError, match=r"day=01 has 0 rows in its 4 bucket file\(s\)"):
+        convert(cfg, src, tmp_path / "rows", "rows")
+    cfg.data.allow_empty_days = True
+    convert(cfg, src, tmp_path / "rows2", "rows")
+    rows = {d: sum(len(b) for b in ParquetBatchReader(dataset_files(tmp_path / "rows2", [d], allow_empty=True),
+                                                      cfg.features, 10**6)) for d in DAYS}
+    assert rows[1] == 0 and rows[0] > 0 and rows[2] > 0
+    # ... and back: the empty rows day becomes an empty joined day.
+    cfg = small_config("joined")
+    with pytest.raises(DataError, match=r"day=01 has 0 rows"):
+        convert(cfg, tmp_path / "rows2", tmp_path / "joined", "joined")
+    cfg.data.allow_empty_days = True
+    convert(cfg, tmp_path / "rows2", tmp_path / "joined2", "joined")
+    reader = J.JoinedBatchReader(tmp_path / "joined2", [1], cfg.features, 10**6, allow_empty_days=True)
+    assert sum(len(b) for b in reader) == 0
+
+
 # --------------------------------------------------------------------------- config, CLI, training
 
 

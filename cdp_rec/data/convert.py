@@ -179,7 +179,8 @@ def rows_to_joined(cfg: JobConfig, src: Path, dst: Path, days: list[int], tmp: P
     schema = _spill_schema(cfg)
     impressions = 0
     for day in days:
-        reader = ParquetBatchReader(list_day_files(src, day), cfg.features, batch_size=1)
+        reader = ParquetBatchReader(list_day_files(src, day, allow_empty=cfg.data.allow_empty_days), cfg.features,
+                                    batch_size=1)
         next_id, chunk = 0, 0
         buffered: list[tuple[np.ndarray, _Columns]] = []
 
@@ -426,7 +427,7 @@ def _verify(off: np.ndarray, items: np.ndarray, cats: np.ndarray, prev: np.ndarr
 def joined_to_rows(cfg: JobConfig, src: Path, dst: Path, days: list[int], tmp: Path) -> ConvertSummary:
     """Join each bucket into a spill file (impression_id order), then cut the day's
     files by impression_id range, reading only the overlapping row groups of each spill."""
-    reader = J.JoinedBatchReader(src, days, cfg.features, batch_size=1)
+    reader = J.JoinedBatchReader(src, days, cfg.features, batch_size=1, allow_empty_days=cfg.data.allow_empty_days)
     schema = _spill_schema(cfg)
     rows_schema = table_schema(cfg.features)
     total = files = 0
@@ -465,6 +466,9 @@ def joined_to_rows(cfg: JobConfig, src: Path, dst: Path, days: list[int], tmp: P
                                 f"buckets ({what}); cannot restore the per-row order")
             out = t.take(pa.array(o)).select(rows_schema.names).cast(rows_schema)
             write_parquet(out, day_dir / f"part-{k:05d}.parquet", cfg.data.row_group_size)
+            files += 1
+        if n_day == 0:  # an empty day stays a (0-row) day, as the importer writes one, not a bare directory
+            write_parquet(rows_schema.empty_table(), day_dir / "part-00000.parquet", cfg.data.row_group_size)
             files += 1
         for pf in pfs:
             pf.close()

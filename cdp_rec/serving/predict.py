@@ -98,7 +98,9 @@ def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Seque
         from cdp_rec.data.joined import LAYOUT_FILE, JoinedBatchReader, layout_days
 
         if (data / LAYOUT_FILE).is_file():
-            return JoinedBatchReader(data, list(days) or layout_days(data, "joined"), features, batch_size)
+            # Scoring an empty day yields no rows (a warning), as the per-row input does.
+            return JoinedBatchReader(data, list(days) or layout_days(data, "joined"), features, batch_size,
+                                     allow_empty_days=True)
     return ServingReader(input_files(data, days), features, batch_size)
 
 
