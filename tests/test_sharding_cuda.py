@@ -337,20 +337,23 @@ FUSED_BAGS = {
 }
 FEATURE = {"t": "f", "u": "g"}
 FUSED_LR = 0.05
-FUSED_ROWS, FUSED_DIM = 50, 8
+FUSED_ROWS = 50
+# fbgemm specialises its CUDA kernels by embedding width; the H200 failures were all at
+# width 16 (table_wise, data_parallel) while column_wise at 256 passed: both sizes here.
+FUSED_DIMS = (8, 128)
 FUSED_STEPS = 4
 
 
-def _fused_inputs() -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+def _fused_inputs(dim: int) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
     g = torch.Generator().manual_seed(3)
-    w0 = {t: torch.randn(FUSED_ROWS, FUSED_DIM, generator=g) * 0.1 for t in FUSED_BAGS}
-    coefs = {t: [torch.randn(len(bags), FUSED_DIM, generator=g) for bags in steps] for t, steps in FUSED_BAGS.items()}
+    w0 = {t: torch.randn(FUSED_ROWS, dim, generator=g) * 0.1 for t in FUSED_BAGS}
+    coefs = {t: [torch.randn(len(bags), dim, generator=g) for bags in steps] for t, steps in FUSED_BAGS.items()}
     return w0, coefs
 
 
-def _fused_reference(optimizer: str, pooling: str) -> dict[str, list[torch.Tensor]]:
+def _fused_reference(optimizer: str, pooling: str, dim: int) -> dict[str, list[torch.Tensor]]:
     """Each table's weights after each step under the textbook optimizer."""
-    w0, coefs = _fused_inputs()
+    w0, coefs = _fused_inputs(dim)
     b1, b2, eps = 0.9, 0.999, 1e-8
     out: dict[str, list[torch.Tensor]] = {}
     for name, steps in FUSED_BAGS.items():
@@ -377,7 +380,7 @@ def _fused_reference(optimizer: str, pooling: str) -> dict[str, list[torch.Tenso
     return out
 
 
-def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int, out_path: str) -> None:
+def _fused_worker(rank: int, device: str, case: tuple[str, str, str, int], port: int, out_path: str) -> None:
     import torch.distributed as dist
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
@@ -387,7 +390,7 @@ def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int,
     from torchrec.distributed.planner.types import ParameterConstraints
     from embeddings.state import gather_full_state
 
-    optimizer, pooling, sharding = case
+    optimizer, pooling, sharding, dim = case
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = torch.device(device)
     if device == "cuda":
@@ -395,7 +398,7 @@ def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int,
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     try:
         ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
-            name=t, embedding_dim=FUSED_DIM, num_embeddings=FUSED_ROWS, feature_names=[FEATURE[t]],
+            name=t, embedding_dim=dim, num_embeddings=FUSED_ROWS, feature_names=[FEATURE[t]],
             pooling={"sum": PoolingType.SUM, "mean": PoolingType.MEAN}[pooling]) for t in FUSED_BAGS],
             device=torch.device("meta"))
         opt = {"adam": EmbOptimType.ADAM, "adagrad": EmbOptimType.EXACT_ADAGRAD, "sgd": EmbOptimType.EXACT_SGD}
@@ -405,7 +408,7 @@ def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int,
                                            constraints={t: constraint for t in FUSED_BAGS})
         plan = planner.collective_plan(ebc, [sharder], dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(ebc, device=dev, plan=plan, sharders=[sharder])
-        w0, coefs = _fused_inputs()
+        w0, coefs = _fused_inputs(dim)
         for key, tensor in dmp.state_dict().items():
             table = key.split(".")[-2]
             for shard in tensor.local_shards():
@@ -430,22 +433,22 @@ def _fused_worker(rank: int, device: str, case: tuple[str, str, str], port: int,
         dist.destroy_process_group()
 
 
-def _fused_run(device: str, case: tuple[str, str, str], tmp: Path) -> dict:
-    out = tmp / f"fused-{device}-{'-'.join(case)}.pt"
+def _fused_run(device: str, case: tuple[str, str, str, int], tmp: Path) -> dict:
+    out = tmp / f"fused-{device}-{'-'.join(map(str, case))}.pt"
     mp.spawn(_fused_worker, args=(device, case, free_port(), str(out)), nprocs=1, join=True)
     return torch.load(out, weights_only=False)
 
 
-def _assert_matches_reference(run: dict, case: tuple[str, str, str]) -> None:
-    optimizer, pooling, _ = case
-    w0, _ = _fused_inputs()
-    ref = _fused_reference(optimizer, pooling)
+def _assert_matches_reference(run: dict, case: tuple[str, str, str, int]) -> None:
+    optimizer, pooling, _, dim = case
+    w0, _ = _fused_inputs(dim)
+    ref = _fused_reference(optimizer, pooling, dim)
     problems = []
     for t in FUSED_BAGS:
         before = [w0[t]] + ref[t][:-1]
         for step, (bags, w) in enumerate(zip(FUSED_BAGS[t], before)):
             want = torch.stack([w[bag].sum(0) / (len(bag) if pooling == "mean" else 1) if bag
-                                else torch.zeros(FUSED_DIM) for bag in bags])
+                                else torch.zeros(dim) for bag in bags])
             if not torch.allclose(run["pooled"][step][t], want, atol=1e-6, rtol=1e-5):
                 problems.append(f"table {t}: pooled output at step {step + 1} differs "
                                 f"(max |diff| {float((run['pooled'][step][t] - want).abs().max()):.3g})")
@@ -461,16 +464,17 @@ def _assert_matches_reference(run: dict, case: tuple[str, str, str]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 def test_fused_adagrad_on_cpu_matches_the_textbook_update(tmp_path, pooling):
-    case = ("adagrad", pooling, "table_wise")
+    case = ("adagrad", pooling, "table_wise", FUSED_DIMS[0])
     _assert_matches_reference(_fused_run("cpu", case, tmp_path), case)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
-@pytest.mark.parametrize("pooling", ["sum", "mean"])
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
-def test_fused_optimizer_on_cuda_matches_the_textbook_update(tmp_path, optimizer, pooling, sharding):
-    case = (optimizer, pooling, sharding)
+@pytest.mark.parametrize("case", [
+    *[(o, p, s, FUSED_DIMS[0]) for o in ("adam", "adagrad", "sgd") for p in ("sum", "mean")
+      for s in ("table_wise", "row_wise")],
+    *[("sgd", p, "table_wise", FUSED_DIMS[1]) for p in ("sum", "mean")],
+], ids=lambda c: "-".join(map(str, c)))
+def test_fused_optimizer_on_cuda_matches_the_textbook_update(tmp_path, case):
     _assert_matches_reference(_fused_run("cuda", case, tmp_path), case)
