@@ -309,11 +309,10 @@ def train(cfg: JobConfig, data_root: str | Path | None = None) -> TrainResult:
             # A torchrun restart's rank 0 waits briefly for the previous one to be gone.
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             wait = 30.0 if restarted else 0.0
-            run = Path(cfg.train.run_dir) / run_name(cfg)
-            locks.append(acquire_run_lock(run, wait_s=wait))
-            ckpt = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-            if ckpt is not None and not ckpt.resolve().is_relative_to(run.resolve()):
-                locks.append(acquire_checkpoint_lock(ckpt, wait_s=wait))
+            paths = run_paths(cfg)
+            locks.append(acquire_run_lock(paths.out, wait_s=wait))
+            if not paths.checkpoints.resolve().is_relative_to(paths.out.resolve()):  # a custom checkpoint.dir
+                locks.append(acquire_checkpoint_lock(paths.checkpoints, wait_s=wait))
         with torch_threads(pick_threads(cfg.train.threads, ctx.local_world_size if ctx else 1)) as threads:
             if ctx is None or ctx.is_main:
                 log.info("torch: %s", threads.describe())
