@@ -65,7 +65,6 @@ the wrong bucket, unsorted behaviour parts, decreasing ``impression_id``.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -86,18 +85,16 @@ from cdp_rec.data.loader import (
     _check_range,
     _Columns,
     _open,
-    _num_rows,
     check_data_root,
+    check_day_has_rows,
     check_schema,
     dataset_files,
-    is_ignored_name,
     read_json_file,
+    refuse_stray_entries,
     row_groups,
 )
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data.writer import Behaviours, write_parquet
-
-log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "_layout.json"
 LAYOUT_VERSION = 1
@@ -402,20 +399,11 @@ class JoinedBatchReader(ParquetBatchReader):
         if not day_dir.is_dir():
             raise DataError(f"{day_dir}: day directory not found")
         expected = {impression_file(self.root, day, b).name for b in range(self.num_buckets)}
-        stray = sorted(p.name for p in day_dir.iterdir() if p.name not in expected and not is_ignored_name(p.name))
-        if stray:
-            shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
-            raise DataError(
-                f"{day_dir}: {len(stray)} entr{'y' if len(stray) == 1 else 'ies'} that {'is' if len(stray) == 1 else 'are'}"
-                f" not one of the {self.num_buckets} bucket files (bucket=0000.parquet ..) would be ignored: {shown}; "
-                "rename or move them (names starting with '.' or '_' or ending in .tmp are skipped)"
-            )
+        refuse_stray_entries(day_dir, expected, lambda n: f"that {'is' if n == 1 else 'are'} not one of the "
+                                                          f"{self.num_buckets} bucket files (bucket=0000.parquet ..)")
         files = [day_dir / name for name in sorted(expected) if (day_dir / name).is_file()]
-        if files and not any(_num_rows(f) for f in files):
-            message = f"{day_dir}: {day_dir_name(day)} has 0 rows in its {len(files)} bucket file(s)"
-            if not allow_empty:
-                raise DataError(f"{message}; set data.allow_empty_days=true to skip empty days")
-            log.warning("%s; skipped (data.allow_empty_days)", message)
+        if files:  # a missing bucket file is the constructor's error, naming it
+            check_day_has_rows(day_dir, files, allow_empty, "bucket file")
 
     def _blocks(self) -> Iterator[_Columns]:
         for day, bucket in self.units:

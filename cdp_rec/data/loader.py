@@ -32,7 +32,7 @@ import ctypes
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,22 +103,34 @@ def list_day_files(root: str | Path, day: int, allow_empty: bool = False) -> lis
             raise DataError(f"{day_dir}: is a file, not a day directory")
         raise DataError(f"{day_dir}: day directory not found")
     files = sorted(day_dir.glob(DAY_FILE_PATTERN))
-    chosen = set(files)
-    stray = sorted(p.name for p in day_dir.iterdir() if p not in chosen and not is_ignored_name(p.name))
+    refuse_stray_entries(day_dir, {f.name for f in files}, lambda n: f"not named {DAY_FILE_PATTERN}")
+    if not files:
+        raise DataError(f"{day_dir}: no {DAY_FILE_PATTERN} files")
+    check_day_has_rows(day_dir, files, allow_empty, "file")
+    return files
+
+
+def refuse_stray_entries(day_dir: Path, data_names: set[str], not_data: Callable[[int], str]) -> None:
+    """DataError naming every entry of ``day_dir`` that is not one of ``data_names`` (and
+    not a name :func:`is_ignored_name` skips): a reader would silently leave it out.
+    ``not_data(n)`` words what the ``n`` entries are not, for the message."""
+    stray = sorted(p.name for p in day_dir.iterdir() if p.name not in data_names and not is_ignored_name(p.name))
     if stray:
         shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
         raise DataError(
-            f"{day_dir}: {len(stray)} entr{'y' if len(stray) == 1 else 'ies'} not named {DAY_FILE_PATTERN} would be "
+            f"{day_dir}: {len(stray)} entr{'y' if len(stray) == 1 else 'ies'} {not_data(len(stray))} would be "
             f"ignored: {shown}; rename or move them (names starting with '.' or '_' or ending in .tmp are skipped)"
         )
-    if not files:
-        raise DataError(f"{day_dir}: no {DAY_FILE_PATTERN} files")
+
+
+def check_day_has_rows(day_dir: Path, files: Sequence[Path], allow_empty: bool, noun: str) -> None:
+    """A day whose ``files`` hold 0 rows in all: DataError, or with ``allow_empty``
+    (``data.allow_empty_days``) a warning. Only footers are read, until a file has rows."""
     if not any(_num_rows(f) for f in files):
-        message = f"{day_dir}: {day_dir_name(day)} has 0 rows in its {len(files)} file(s)"
+        message = f"{day_dir}: {day_dir.name} has 0 rows in its {len(files)} {noun}(s)"
         if not allow_empty:
             raise DataError(f"{message}; set data.allow_empty_days=true to skip empty days")
         log.warning("%s; skipped (data.allow_empty_days)", message)
-    return files
 
 
 def dataset_files(root: str | Path, days: Sequence[int], allow_empty: bool = False) -> list[Path]:
