@@ -233,29 +233,26 @@ def check_pooling_bench(quick: bool) -> dict:
     return {"status": "pass", "table": [V, D], "categories": C, "copy_gbs": round(copy_gbs, 1), "rows": rows}
 
 
+def _bench(script: str, args: list[str], out: Path) -> dict:
+    """Run ``bench/<script> --device cuda ... --json out``: pass with its report and rows."""
+    run = _run([sys.executable, f"bench/{script}", "--device", "cuda", *args, "--json", str(out)])
+    if run.returncode != 0 or not out.exists():
+        return {"status": "fail", "problems": [f"bench/{script} --device cuda failed"],
+                "tail": (run.stdout + run.stderr)[-3000:]}
+    return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text()).get("rows")}
+
+
 def check_train_step_bench(work: Path, quick: bool) -> dict:
     """bench/train_step.py --device cuda: the 1-GPU sharded step of base / CDP / SIM at L=200, 2000."""
-    out = work / "train_step.json"
     lens, batch = ("200", "512") if quick else ("200,2000", "4096")
-    run = _run([sys.executable, "bench/train_step.py", "--device", "cuda", "--models", "base,cdp,sim",
-                "--seq-lens", lens, "--batches", batch, "--min-seconds", "2", "--max-steps", "20",
-                "--json", str(out)])
-    if run.returncode != 0 or not out.exists():
-        return {"status": "fail", "problems": ["bench/train_step.py --device cuda failed"],
-                "tail": (run.stdout + run.stderr)[-3000:]}
-    return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text())["rows"]}
+    return _bench("train_step.py", ["--models", "base,cdp,sim", "--seq-lens", lens, "--batches", batch,
+                                    "--min-seconds", "2", "--max-steps", "20"], work / "train_step.json")
 
 
 def check_inference_bench(work: Path, quick: bool) -> dict:
     """bench/inference.py --device cuda: base vs CDP scoring latency (eager and compiled loop)."""
-    out = work / "inference.json"
-    lens = "200" if quick else "200,2000"
-    run = _run([sys.executable, "bench/inference.py", "--device", "cuda", "--seq-lens", lens, "--batches", "512",
-                "--min-seconds", "3", "--max-rounds", "30", "--json", str(out)])
-    if run.returncode != 0 or not out.exists():
-        return {"status": "fail", "problems": ["bench/inference.py --device cuda failed"],
-                "tail": (run.stdout + run.stderr)[-3000:]}
-    return {"status": "pass", "report": run.stdout[-3000:], "rows": json.loads(out.read_text()).get("rows")}
+    return _bench("inference.py", ["--seq-lens", "200" if quick else "200,2000", "--batches", "512",
+                                   "--min-seconds", "3", "--max-rounds", "30"], work / "inference.json")
 
 
 def _run(cmd: list[str], env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
