@@ -31,12 +31,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import KeyedJaggedTensor
 
 from bench._common import free_port
 from cdp_rec.config import JobConfig, load_config
-from cdp_rec.data.schema import Batch, sparse_keys
+from sharded_helpers import measure_shards, random_batch
 
 WORLD = 2
 MIB = 2**20
@@ -63,66 +61,6 @@ def _config(sharding: str, optimizer: str, dim: int, rows: int) -> JobConfig:
     ])
 
 
-def _random_batch(cfg: JobConfig, n: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    f = cfg.features
-    sizes = {"query_id": f.num_queries, "user_id": f.num_users, "item_id": f.num_items,
-             "category_id": f.num_categories, **f.context_features, **f.scene_features}
-    keys = sparse_keys(f)
-    values = [torch.randint(0, sizes[k], (n,), generator=g) for k in keys[:-2]]
-    lengths = [torch.ones(n, dtype=torch.int64) for _ in keys[:-2]]
-    hist = torch.randint(0, f.max_seq_len + 1, (n,), generator=g)
-    values += [torch.randint(0, f.num_items, (int(hist.sum()),), generator=g),
-               torch.randint(0, f.num_categories, (int(hist.sum()),), generator=g)]
-    lengths += [hist, hist]
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-    return Batch(kjt, torch.randint(0, 2, (n,), generator=g).float(), torch.arange(n), torch.arange(n))
-
-
-def _table_of(key: str) -> str | None:
-    for part in (".embedding_bags.", ".embeddings."):
-        if part in key:
-            return key.split(part)[1].split(".")[0]
-    return None
-
-
-def _bytes(t: object) -> int:
-    if isinstance(t, ShardedTensor):
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
-    assert isinstance(t, torch.Tensor)
-    return t.numel() * t.element_size() if t.dim() >= 1 else 0  # scalars: Adam's step count
-
-
-def _measure(trainer) -> dict[str, dict[str, int]]:
-    """{"weights" | "state": {table: bytes on this rank}} and fbgemm's own totals."""
-    dmp = trainer.module
-    weights: dict[str, int] = {}
-    for key, t in dmp.state_dict().items():
-        table = _table_of(key)
-        if table is not None and _bytes(t):
-            weights[table] = weights.get(table, 0) + _bytes(t)
-    state: dict[str, int] = {}
-    for key, st in trainer.optimizer.state_dict()["state"].items():  # fused shards + torch Adam (data-parallel)
-        table = _table_of(key)
-        if table is not None:
-            n = sum(_bytes(v) for v in st.values() if isinstance(v, (torch.Tensor, ShardedTensor)))
-            if n:
-                state[table] = state.get(table, 0) + n
-    # fbgemm's storage: the flat weights / momentum buffers of every TBE kernel on this rank.
-    # (TorchRec keeps its lookups in plain lists, so they are reached through its attributes.)
-    tbe = {"weights": 0, "state": 0}
-    for module in dmp.modules():
-        for lookup in getattr(module, "_lookups", []):
-            for emb in getattr(lookup, "_emb_modules", []):
-                kernel = getattr(emb, "_emb_module", None)
-                for name, p in (kernel.named_parameters(recurse=False) if kernel is not None else []):
-                    if name.startswith("weights_"):
-                        tbe["weights"] += p.numel() * p.element_size()
-                    elif name.startswith("momentum"):
-                        tbe["state"] += p.numel() * p.element_size()
-    return {"weights": weights, "state": state, "tbe": tbe}
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from cdp_rec.training.distributed import init_from_env
     from cdp_rec.training.trainer import Trainer
@@ -134,8 +72,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for i, case in enumerate(CASES):
             cfg = _config(*case)
             trainer = Trainer(cfg, ctx)
-            assert trainer.train_steps([_random_batch(cfg, 32, seed=rank)], lambda out: None) == 1
-            torch.save({"measured": _measure(trainer), "plan": trainer.plan_rows}, Path(out_dir) / f"{i}-r{rank}.pt")
+            assert trainer.train_steps([random_batch(cfg, 32, seed=rank)], lambda out: None) == 1
+            torch.save({"measured": measure_shards(trainer), "plan": trainer.plan_rows}, Path(out_dir) / f"{i}-r{rank}.pt")
             del trainer
             dist.barrier()
     finally:

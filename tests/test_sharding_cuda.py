@@ -35,7 +35,7 @@ from torchrec import KeyedJaggedTensor
 
 from bench._common import free_port
 from cdp_rec.config import JobConfig, load_config
-from cdp_rec.data.schema import Batch, sparse_keys
+from sharded_helpers import measure_shards, random_batch, tbe_kernels
 
 HAS_CUDA = torch.cuda.is_available()
 STEPS = 4
@@ -75,62 +75,20 @@ def _config(model: str, sharding: str, optimizer: str, dim: int) -> JobConfig:
     ])
 
 
-def _batch(cfg: JobConfig, n: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    f = cfg.features
-    sizes = {"query_id": f.num_queries, "user_id": f.num_users, "item_id": f.num_items,
-             "category_id": f.num_categories, **f.context_features, **f.scene_features}
-    keys = sparse_keys(f)
-    values = [torch.randint(0, sizes[k], (n,), generator=g) for k in keys[:-2]]
-    lengths = [torch.ones(n, dtype=torch.int64) for _ in keys[:-2]]
-    hist = torch.randint(0, f.max_seq_len + 1, (n,), generator=g)
-    # Few categories in the history so the category filter keeps a real share of it.
-    values += [torch.randint(0, f.num_items, (int(hist.sum()),), generator=g),
-               torch.randint(0, min(4, f.num_categories), (int(hist.sum()),), generator=g)]
-    lengths += [hist, hist]
-    values[keys.index("category_id")] = torch.randint(0, min(4, f.num_categories), (n,), generator=g)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-    return Batch(kjt, torch.randint(0, 2, (n,), generator=g).float(), torch.arange(n), torch.arange(n))
-
-
-def _shard_bytes(trainer) -> dict[str, int]:
-    """Bytes this rank's shards + optimizer state of each table hold on the device."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    def nbytes(t: object) -> int:
-        if isinstance(t, ShardedTensor):
-            return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
-
-    def table_of(key: str) -> str | None:
-        for part in (".embedding_bags.", ".embeddings."):
-            if part in key:
-                return key.split(part)[1].split(".")[0]
-        return None
-
-    held: dict[str, int] = {}
-    for key, t in trainer.module.state_dict().items():
-        if (table := table_of(key)) is not None:
-            held[table] = held.get(table, 0) + nbytes(t)
-    for key, st in trainer.optimizer.state_dict()["state"].items():
-        if (table := table_of(key)) is not None:
-            held[table] = held.get(table, 0) + sum(nbytes(v) for v in st.values())
-    return held
-
-
 def _tbe_iters(dmp: torch.nn.Module) -> list[int]:
-    """fbgemm's step counter (Adam's bias correction) of every TBE kernel under ``dmp``.
+    """fbgemm's step counter (Adam's bias correction) of every TBE kernel under ``dmp``."""
+    return [int(k.iter_cpu) for k in tbe_kernels(dmp) if hasattr(k, "iter_cpu")]
 
-    TorchRec keeps its lookups in plain lists, so they are reached through its attributes.
-    """
-    out = []
-    for module in dmp.modules():
-        for lookup in getattr(module, "_lookups", []):
-            for emb in getattr(getattr(lookup, "module", lookup), "_emb_modules", []):
-                kernel = getattr(emb, "_emb_module", None)
-                if kernel is not None and hasattr(kernel, "iter_cpu"):
-                    out.append(int(kernel.iter_cpu))
-    return out
+
+def _batch(cfg: JobConfig, n: int, seed: int):
+    # Few categories, so the category filter keeps a real share of the history.
+    return random_batch(cfg, n, seed, categories=min(4, cfg.features.num_categories))
+
+
+def _held_bytes(trainer) -> dict[str, int]:
+    """Bytes this rank's shards + optimizer state of each table hold on the device."""
+    m = measure_shards(trainer)
+    return {t: m["weights"].get(t, 0) + m["state"].get(t, 0) for t in {*m["weights"], *m["state"]}}
 
 
 def _plan_bytes(cfg: JobConfig, device: str) -> dict[str, int]:
@@ -177,7 +135,7 @@ def _worker(rank: int, device: str, port: int, out_dir: str, names: list[str]) -
             steps = trainer.train_steps([_batch(cfg, BS, seed=s) for s in range(STEPS)], on_step)
             if device == "cuda":
                 torch.cuda.synchronize()
-            held = _shard_bytes(trainer)
+            held = _held_bytes(trainer)
             trainer.module.eval()
             with torch.no_grad():
                 _, out = trainer.module(trainer.model.prepare_batch(_batch(cfg, BS, seed=99)).to(trainer.device))
