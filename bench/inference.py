@@ -187,8 +187,18 @@ def run_case(spec: dict) -> dict:
     models = {m: build_model(cfg).eval().to(dev) for m, cfg in cfgs.items()}
     cdp = models["cdp"]
     batches = [b.to(dev) for b in C.synthetic_batches(cfgs["cdp"].features, B, L, 4, seed=1)]
-    # On CUDA a call returns once its kernels are queued: wait for them so a call's time is its cost.
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def synced(fn):
+        """On CUDA a call returns once its kernels are queued: wait for them, so a call's time is its cost."""
+        if dev.type != "cuda":
+            return fn
+
+        def call():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return call
 
     def score(model):
         state = {"i": 0}
@@ -196,11 +206,9 @@ def run_case(spec: dict) -> dict:
         def call():
             b = batches[state["i"] % len(batches)]
             state["i"] += 1
-            out = model(model.prepare_batch(b))[1]["logits"]
-            sync()
-            return out
+            return model(model.prepare_batch(b))[1]["logits"]
 
-        return call
+        return synced(call)
 
     # x0 and c of one batch, for the loop-alone variants.
     with torch.inference_mode():
@@ -221,16 +229,11 @@ def run_case(spec: dict) -> dict:
         with skip:
             return score_skipped()
 
-    def loop_alone():
-        out = loop(x0, c)
-        sync()
-        return out
-
     variants = {
         "base": score(models["base"]),
         "cdp": score(cdp),
         "cdp, no loop": cdp_no_loop,
-        "loop alone": loop_alone,
+        "loop alone": synced(lambda: loop(x0, c)),
     }
     for k in spec.get("sample_steps", []):
         variants[f"cdp K={k}"] = _with_sampler(cdp, k, score(cdp))
@@ -260,12 +263,7 @@ def run_case(spec: dict) -> dict:
                 b = cdp(cdp.prepare_batch(batches[0]))[1]["logits"]
             result["compiled_forward_max_abs_diff"] = float((a - b).abs().max())
             variants["cdp, compiled loop"] = cdp_compiled
-            def loop_alone_compiled():
-                out = compiled(x0, c)
-                sync()
-                return out
-
-            variants["loop alone, compiled"] = loop_alone_compiled
+            variants["loop alone, compiled"] = synced(lambda: compiled(x0, c))
         except Exception as e:  # noqa: BLE001 -- any compiler problem: report and go on without it
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             result["compile_error"] = f"{type(e).__name__}: {first}"
