@@ -129,12 +129,23 @@ def prune(path: Path, keep: set[int]) -> int:
     return zeroed
 
 
+def _sm_list(text: str) -> set[int]:
+    """``--keep``: a comma list of SM numbers such as ``90`` or ``80,90``."""
+    try:
+        sms = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        sms = set()
+    if not sms or min(sms) <= 0:
+        raise argparse.ArgumentTypeError(f"expected SM numbers such as 90 or 80,90, got {text!r}")
+    return sms
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="device code per SM").add_argument("files", nargs="+", type=Path)
     p = sub.add_parser("prune", help="zero the device code of every SM not kept, in place")
-    p.add_argument("--keep", required=True, help="comma list of SMs to keep, e.g. 90")
+    p.add_argument("--keep", required=True, type=_sm_list, help="comma list of SMs to keep, e.g. 90")
     p.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args(argv)
     try:
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{f}: " + (", ".join(f"sm_{s} {n / 2**20:.1f} MiB" for s, n in sorted(by_sm.items()))
                                   or "no device code"))
             return 0
-        keep = {int(x) for x in args.keep.split(",") if x}
+        keep = args.keep
         total = sum(prune(f, keep) for f in args.files)
         print(f"zeroed {total / 2**20:.1f} MiB of device code for other SMs than {sorted(keep)}")
         return 0

@@ -92,3 +92,14 @@ def test_host_only_libraries_and_non_elf_files(tmp_path, capsys):
     broken.write_bytes(_elf(bytes(fatbin)))
     with pytest.raises(P.FatbinError, match="does not fit its fatbin"):
         P.prune(broken, {90})
+
+
+@pytest.mark.parametrize("keep", ["x", ",", "-90", "9 0"])
+def test_a_bad_keep_list_is_one_line_and_exit_2(tmp_path, capsys, keep):
+    path = tmp_path / "lib.so"
+    path.write_bytes(_elf(_fatbin([(90, b"\x90" * 16)])))
+    with pytest.raises(SystemExit) as e:
+        P.main(["prune", "--keep", keep, str(path)])
+    assert e.value.code == 2
+    assert "--keep: expected SM numbers such as 90 or 80,90" in capsys.readouterr().err
+
