@@ -31,6 +31,16 @@ STEPS = 6
 LOCAL_BS = 64
 
 
+def _assert_same_metrics(one: dict, two: dict) -> None:
+    # The states agree to float rounding (~1e-6), so logits near a tie may swap order. Over
+    # 4,000 samples one swapped pair moves AUC by ~1e-6, but the AUC of a user / request
+    # group of a few samples by up to 1/(pos x neg): one swap in one of ~380 small groups
+    # moves UAUC / GAUC by ~4e-4 - those get 2e-3.
+    for name, tol in (("auc", 1e-4), ("logloss", 1e-4), ("uauc", 2e-3), ("gauc", 2e-3)):
+        assert abs(one["metrics"][name] - two["metrics"][name]) < tol, (name, one["metrics"], two["metrics"])
+    assert one["metrics"]["num_samples"] == two["metrics"]["num_samples"] == 4_000
+
+
 def _config(sharding: str, run_dir: str) -> JobConfig:
     cfg = JobConfig()
     cfg.model.name = "base"
@@ -196,9 +206,7 @@ def test_sequence_models_two_ranks_match_one_process(sequence_results, model, sh
     changed = {k for k in init if not torch.allclose(init[k], one["state"][k])}
     assert {"ec.embeddings.item.weight", "ec.embeddings.category.weight", "ebc.embedding_bags.user.weight",
             "ranker.mlp.0.weight"} <= changed
-    for name in ("auc", "uauc", "gauc", "logloss"):
-        assert abs(one["metrics"][name] - two["metrics"][name]) < 1e-4, (name, one["metrics"], two["metrics"])
-    assert one["metrics"]["num_samples"] == two["metrics"]["num_samples"] == 4_000
+    _assert_same_metrics(one, two)
     if model == "twin":  # the GSU's chunked collective lookups score like the unsharded GSU
         assert one["gsu_error"] < 1e-5 and two["gsu_error"] < 1e-5, (one["gsu_error"], two["gsu_error"])
 
@@ -223,9 +231,7 @@ def test_two_ranks_match_one_process(results, sharding):
     init = build_model(_config(sharding, "")).state_dict()
     changed = {k for k in init if not torch.allclose(init[k], one["state"][k])}
     assert {"ebc.embedding_bags.item.weight", "ebc.embedding_bags.user.weight", "ranker.mlp.0.weight"} <= changed
-    for name in ("auc", "uauc", "gauc", "logloss"):
-        assert abs(one["metrics"][name] - two["metrics"][name]) < 1e-4, (name, one["metrics"], two["metrics"])
-    assert one["metrics"]["num_samples"] == two["metrics"]["num_samples"] == 4_000
+    _assert_same_metrics(one, two)
 
 
 # ------------------------------------------------------------------ lr_counts, embedding L2, managed EC, export
@@ -332,9 +338,7 @@ def _assert_same_run(one: dict, two: dict, what: str) -> None:
     assert one["state"].keys() == two["state"].keys()
     for key, a in one["state"].items():
         torch.testing.assert_close(two["state"][key], a, atol=2e-5, rtol=1e-4, msg=lambda m: f"{what} {key}: {m}")
-    for name in ("auc", "uauc", "gauc", "logloss"):
-        assert abs(one["metrics"][name] - two["metrics"][name]) < 1e-4, (name, one["metrics"], two["metrics"])
-    assert one["metrics"]["num_samples"] == two["metrics"]["num_samples"] == 4_000
+    _assert_same_metrics(one, two)
 
 
 @pytest.mark.slow
