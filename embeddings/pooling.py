@@ -313,7 +313,7 @@ def _resolve_weight(table: torch.Tensor | nn.Module, table_name: str | None) -> 
         raise TypeError(
             f"cannot pool from {type(table).__name__}: pass a [V, D] tensor, an nn.Embedding(Bag) or an "
             f"unsharded EmbeddingBagCollection. For a DistributedModelParallel-sharded table, put the filter "
-            f"into the KJT with with_filtered_history() and let the sharded lookup MEAN-pool it."
+            f"into the KJT with with_filtered_history(), let the sharded lookup SUM-pool it and divide (bag_mean)."
         )
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(getattr(weight, "shape", ()))

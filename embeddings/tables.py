@@ -60,12 +60,16 @@ def single_value_features(features: FeatureConfig) -> list[str]:
 def build_embedding_bag_collection(
     specs: list[TableSpec], embedding_dim: int, device: torch.device | str = "cpu"
 ) -> EmbeddingBagCollection:
-    """One EBC over ``specs``; every table MEAN-pools.
+    """One EBC over ``specs``; every table SUM-pools.
 
-    MEAN is exact for single-valued features and gives the mean of a behaviour
-    sequence; an empty bag pools to the zero vector (fbgemm), which is the paper's
-    "no matching behaviour" case without any NaN from 0/0. ``device="meta"`` builds
-    the tables without memory, for planning.
+    A bag that holds several ids (the behaviour history) is turned into its mean by the
+    model, :func:`bag_mean`, not by fbgemm's MEAN mode: TorchRec runs MEAN tables through
+    two different roads depending on the sharding type (fbgemm's MEAN kernels for
+    table-wise, column-wise and data-parallel shards; SUM plus its own division for row-wise
+    ones), and on an H200 the MEAN road gave different training than the CPU while the SUM
+    road matched (docs/performance.md, "On a GPU"). With SUM everywhere every sharding type
+    runs the same kernels. Single-valued features are unaffected (a bag of one id).
+    ``device="meta"`` builds the tables without memory, for planning.
     """
     tables = [
         EmbeddingBagConfig(
@@ -73,8 +77,16 @@ def build_embedding_bag_collection(
             embedding_dim=embedding_dim,
             num_embeddings=s.num_embeddings,
             feature_names=list(s.feature_names),
-            pooling=PoolingType.MEAN,
+            pooling=PoolingType.SUM,
         )
         for s in specs
     ]
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
+
+
+def bag_mean(pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` mean of each SUM-pooled bag ``pooled [B, D]`` holding ``lengths [B]`` ids.
+
+    An empty bag stays the zero vector (the paper's "no matching behaviour"), never 0/0.
+    """
+    return pooled / lengths.clamp(min=1).to(pooled.dtype).unsqueeze(-1)

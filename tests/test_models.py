@@ -145,3 +145,47 @@ def test_cdp_ranker_input_purified_excludes_x0(wiring):
     # The real purifier: x0 does reach the ranker (through the purified interest).
     real = run(lambda orig, *args: orig(*args))
     assert real is not None and real.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["base", "cdp", "diffrec", "ddrm"])
+def test_history_bag_is_the_mean_torchrec_mean_pooling_gives(name):
+    """The tables SUM-pool and the model divides the history bag (embeddings.tables.bag_mean):
+    logits and every table gradient equal the same model whose tables MEAN-pool in fbgemm
+    with the division dropped - the road the models took before (empty bags included)."""
+    import copy
+
+    from torchrec import EmbeddingBagCollection, PoolingType
+
+    import embeddings.tables as tables
+
+    cfg = JobConfig()
+    cfg.features.max_seq_len = 12
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert {c.pooling for c in model.ebc.embedding_bag_configs()} == {PoolingType.SUM}
+    mean_model = copy.deepcopy(model)
+    configs = [copy.copy(c) for c in model.ebc.embedding_bag_configs()]
+    for c in configs:
+        c.pooling = PoolingType.MEAN
+    mean_model.ebc = EmbeddingBagCollection(tables=configs)
+    mean_model.ebc.load_state_dict(model.ebc.state_dict())
+    batch = model.prepare_batch(random_batch(cfg, batch=32, seed=3))
+    assert int((batch.sparse.lengths() == 0).sum()) > 0 and int(batch.sparse.lengths().max()) > 1
+
+    def run(m, divide):
+        with pytest.MonkeyPatch.context() as mp:
+            if not divide:  # the MEAN tables already divided
+                for mod in ("base", "cdp", "diffrec", "ddrm"):
+                    mp.setattr(f"cdp_rec.models.{mod}.bag_mean", lambda pooled, lengths: pooled)
+            torch.manual_seed(1)
+            loss, out = m(batch)
+        loss.backward()
+        return out["logits"], {k: p.grad for k, p in m.ebc.named_parameters()}
+
+    logits, grads = run(model, divide=True)
+    ref_logits, ref_grads = run(mean_model, divide=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert tables.bag_mean(torch.zeros(2, 3), torch.tensor([0, 0])).eq(0).all()  # no 0/0

@@ -49,8 +49,12 @@ class HistoryPooling(nn.Module):
 
         self.ebc = build_embedding_bag_collection([TableSpec("item", NUM_ITEMS, ("item_id", HIST))], DIM)
 
-    def forward(self, kjt):
-        return self.ebc(kjt)
+    def forward(self, kjt) -> dict[str, torch.Tensor]:
+        """The models' road to a mean: the EBC sums, :func:`embeddings.tables.bag_mean` divides."""
+        from embeddings.tables import bag_mean
+
+        out = self.ebc(kjt).to_dict()  # keys come in plan order: read by name
+        return {"item_id": out["item_id"], HIST: bag_mean(out[HIST], kjt[HIST].lengths())}
 
 
 def _global_batch() -> dict[str, torch.Tensor]:
@@ -143,7 +147,7 @@ def _check(rank: int, sharding_type: str) -> None:
     for window in (None, WINDOW):
         load_full_state(dmp, {WEIGHT_KEY: table})  # (re)start from the known table
         kjt, counts = _lookup_kjt(local, window)
-        out = dmp(kjt).to_dict()  # keys come in plan order: read by name
+        out = dmp(kjt)
         ref, ref_counts, _ = _reference(table, local, window)
         assert torch.equal(counts, ref_counts)
         torch.testing.assert_close(out[HIST], ref, atol=1e-5, rtol=1e-5)

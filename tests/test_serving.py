@@ -323,6 +323,14 @@ def test_damaged_or_swapped_packages_are_refused(runs, packages, tmp_path, capsy
     assert "nothing-here: not a serving package (not found)" in predict(tmp_path / "nothing-here")
     (tmp_path / "empty").mkdir()
     assert "not a serving package (no manifest.json" in predict(tmp_path / "empty")
+    # Version 1 packages MEAN-pooled in the lookup; their dense program does not divide, so
+    # this runtime (SUM lookup) would score them wrong: refused, naming the re-export.
+    old = Path(shutil.copytree(packages["base", "fp32"], tmp_path / "v1"))
+    manifest = json.loads((old / MANIFEST).read_text())
+    assert manifest["format_version"] == 2
+    (old / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    line = predict(old)
+    assert f"{old / MANIFEST}: package format version 1; this cdp-rec reads version 2" in line and "re-export" in line
     good = packages["cdp", "int8"]
     other = package_sha256(packages["cdp", "fp32"])
     assert "not the expected" in predict(good, "--expect-sha256", other)

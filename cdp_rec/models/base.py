@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_ITEMS, Batch
 from cdp_rec.models.ranker import RankingHead
-from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
+from embeddings.tables import bag_mean, build_embedding_bag_collection, single_value_features, table_specs
 
 ModelOutput = dict[str, torch.Tensor]
 
@@ -42,7 +42,8 @@ class BaseModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
         emb = self.ebc(batch.sparse).to_dict()
-        history = emb[HIST_ITEMS]  # [B, D]; with history_row only the rows that hold a history are pooled
+        # [B, D]; with history_row only the rows that hold a history are pooled
+        history = bag_mean(emb[HIST_ITEMS], batch.sparse[HIST_ITEMS].lengths())
         if batch.history_row is not None:
             history = history.index_select(0, batch.history_row)
         x = torch.cat([emb[k] for k in self.single_features] + [history], dim=-1)

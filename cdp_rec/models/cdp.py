@@ -61,7 +61,7 @@ from cdp_rec.models.denoiser import MLPDenoiser
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.ranker import RankingHead
 from embeddings.pooling import filter_history_by_category
-from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
+from embeddings.tables import bag_mean, build_embedding_bag_collection, single_value_features, table_specs
 
 HIST_MATCH = "hist_match_item_ids"
 
@@ -159,7 +159,7 @@ class CDPModel(nn.Module):
         """``batch`` must come from :meth:`prepare_batch`."""
         emb = self.ebc(batch.sparse).to_dict()
         counts = batch.sparse[HIST_MATCH].lengths()
-        x0 = emb[HIST_MATCH]  # [B, D]; with history_row pooled at one row per (request, category)
+        x0 = bag_mean(emb[HIST_MATCH], counts)  # [B, D]; with history_row pooled at one row per (request, category)
         if batch.history_row is not None:
             x0, counts = x0.index_select(0, batch.history_row), counts.index_select(0, batch.history_row)
         c, gate = self.condition(emb)

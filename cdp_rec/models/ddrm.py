@@ -36,7 +36,7 @@ from cdp_rec.models.base import ModelOutput
 from cdp_rec.models.denoiser import MLPDenoiser
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.ranker import RankingHead
-from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
+from embeddings.tables import bag_mean, build_embedding_bag_collection, single_value_features, table_specs
 
 
 class DDRMModel(nn.Module):
@@ -77,7 +77,7 @@ class DDRMModel(nn.Module):
         mse = 0.5 * (mse_u + mse_i)
         x = torch.cat(
             [emb[k] for k in self.single_features]
-            + [emb[HIST_ITEMS], user_dn, item_dn, torch.log1p(counts.to(user.dtype)).unsqueeze(-1)],
+            + [bag_mean(emb[HIST_ITEMS], counts), user_dn, item_dn, torch.log1p(counts.to(user.dtype)).unsqueeze(-1)],
             dim=-1,
         )
         logits = self.ranker(x)

@@ -36,7 +36,7 @@ from cdp_rec.models.base import ModelOutput
 from cdp_rec.models.denoiser import MLPDenoiser
 from cdp_rec.models.diffusion import GaussianDiffusion
 from cdp_rec.models.ranker import RankingHead
-from embeddings.tables import build_embedding_bag_collection, single_value_features, table_specs
+from embeddings.tables import bag_mean, build_embedding_bag_collection, single_value_features, table_specs
 
 
 class DiffRecModel(nn.Module):
@@ -56,13 +56,13 @@ class DiffRecModel(nn.Module):
         self.ranker = RankingHead(dim * (len(self.single_features) + 2) + 1, m.ranker_hidden)
 
     def prepare_batch(self, batch: Batch) -> Batch:
-        """Nothing on the data side: the whole history is mean-pooled by the EBC."""
+        """Nothing on the data side: the EBC sums the whole history, forward divides it (bag_mean)."""
         return batch
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, ModelOutput]:
         emb = self.ebc(batch.sparse).to_dict()
         counts = batch.sparse[HIST_ITEMS].lengths()
-        x0 = emb[HIST_ITEMS]
+        x0 = bag_mean(emb[HIST_ITEMS], counts)
         denoised, mse = self.diffusion.denoise_pass(
             x0, self.denoiser.bind(None), counts > 0, self.training
         )

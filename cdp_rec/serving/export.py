@@ -191,7 +191,7 @@ def _without_lookups(model: nn.Module, **stubs: nn.Module) -> nn.Module:
 class PooledDense(nn.Module):
     """``(pooled [B, sum(dims)], counts [B] int64) -> logits [B]``: the model after its EBC lookup.
 
-    ``pooled`` is the EBC's KeyedTensor values (features ``keys``, widths ``dims``);
+    ``pooled`` is the EBC's KeyedTensor values (features ``keys``, widths ``dims``; SUM-pooled bags);
     ``counts`` the lengths of the bag ``count_key`` (CDP: matches per sample).
     """
 

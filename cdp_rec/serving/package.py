@@ -41,7 +41,10 @@ import numpy as np
 from cdp_rec.checksums import check_record, digest_difference, file_digest, size_difference
 
 FORMAT = "cdp-rec-serving"
-FORMAT_VERSION = 1
+# 2: the EBC lookup SUM-pools and the dense program divides the history bag by its length
+# (embeddings.tables.bag_mean); version-1 packages MEAN-pooled in the lookup, so reading one
+# with this runtime would divide twice - they are refused and re-exported instead.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPEC = "spec.json"
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", dict: "object", list: "array",

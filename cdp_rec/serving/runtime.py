@@ -361,7 +361,7 @@ def _quant_module(root: Path, manifest: dict[str, Any], which: str, dtype: str) 
             warnings.simplefilter("ignore", UserWarning)
             weights[name] = (torch.from_numpy(weight), None if scale_shift is None else torch.from_numpy(scale_shift))
         cls = EmbeddingBagConfig if which == "ebc" else EmbeddingConfig
-        kwargs = {"pooling": PoolingType.MEAN} if which == "ebc" else {}
+        kwargs = {"pooling": PoolingType.SUM} if which == "ebc" else {}  # the dense program divides (bag_mean)
         configs.append(cls(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=list(feats),
                            data_type=DTYPES[dtype], **kwargs))
     cpu = torch.device("cpu")
