@@ -13,7 +13,8 @@ Checks:
   stack          CUDA visible; fbgemm-gpu's CUDA ops and TorchRec import
   pooling_tests  tests/test_pooling_cuda.py (Triton kernel parity, compile, memory); a skip fails
   gpu_tests      tests/test_sharding_cuda.py: TorchRec sharded training on CUDA (nccl, fbgemm's fused
-                 optimizers) equal to the CPU run / the CPU trainer, plan HBM vs held bytes
+                 optimizers) equal to the CPU run / the CPU trainer, plan HBM vs held bytes;
+                 xfail-marked diagnostics (fbgemm's MEAN pooling, unused) reported by name only
   pooling_bench  fused Triton pooling vs the [B, L, D] reference vs unfiltered embedding_bag at
                  B=4096, L=200/2000: time (CUDA events), peak HBM, bytes/s vs a device copy
   train_step_bench  bench/train_step.py --device cuda (1-GPU sharded step, base / CDP / SIM, HBM peak)
@@ -97,24 +98,39 @@ LOG_DIR = Path(".")
 
 
 def _pytest(args: list[str], name: str) -> dict:
+    """Run pytest; pass only when tests ran and none failed or was skipped.
+
+    A test marked ``xfail`` (a diagnostic of an upstream kernel the project does not call) is
+    neither: its outcome is reported by name under ``xfailed`` / ``xpassed`` and does not
+    decide the status. JUnit files xfail as a skip, so skips are counted per test case.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={xml}", *args]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rsxX", f"--junitxml={xml}", *args]
         t0 = time.time()
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+        xfailed: list[str] = []
         if xml.exists():
-            for suite in ET.parse(xml).getroot().iter("testsuite"):
-                for k in counts:
-                    counts[k] += int(suite.get(k, 0))
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                counts["tests"] += 1
+                skip = case.find("skipped")
+                if skip is not None and skip.get("type") == "pytest.xfail":
+                    xfailed.append(case.get("name", "?"))
+                elif skip is not None:
+                    counts["skipped"] += 1
+                counts["failures"] += case.find("failure") is not None
+                counts["errors"] += case.find("error") is not None
+    text = out.stdout + out.stderr
     log = LOG_DIR / f"gpu_check.{name}.log"
-    log.write_text(out.stdout + out.stderr)
-    ok = out.returncode == 0 and counts["tests"] > 0 and counts["skipped"] == 0
-    status = "pass" if ok else ("missing" if "No module named" in out.stdout + out.stderr else "fail")
+    log.write_text(text)
+    xpassed = [line.split()[1].split("::")[-1] for line in text.splitlines() if line.startswith("XPASS ")]
+    ok = out.returncode == 0 and counts["tests"] > len(xfailed) and counts["skipped"] == 0
+    status = "pass" if ok else ("missing" if "No module named" in text else "fail")
+    ran = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"] - len(xfailed)
     return {"status": status, "command": " ".join(cmd[2:]), "seconds": round(time.time() - t0, 1),
-            **counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "log": str(log),
-            "tail": (out.stdout + out.stderr)[-2500:] if not ok else ""}
+            **counts, "passed": ran - len(xpassed), "xfailed": xfailed, "xpassed": xpassed,
+            "log": str(log), "tail": text[-2500:] if not ok else ""}
 
 
 def check_pooling_tests() -> dict:

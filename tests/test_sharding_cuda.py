@@ -430,9 +430,25 @@ def test_fused_adagrad_on_cpu_matches_the_textbook_update(tmp_path, pooling):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
 @pytest.mark.parametrize("case", [
-    *[(o, p, s, FUSED_DIMS[0]) for o in ("adam", "adagrad", "sgd") for p in ("sum", "mean")
-      for s in ("table_wise", "row_wise")],
-    *[("sgd", p, "table_wise", FUSED_DIMS[1]) for p in ("sum", "mean")],
+    *[(o, "sum", s, FUSED_DIMS[0]) for o in ("adam", "adagrad", "sgd") for s in ("table_wise", "row_wise")],
+    ("sgd", "sum", "table_wise", FUSED_DIMS[1]),
 ], ids=lambda c: "-".join(map(str, c)))
 def test_fused_optimizer_on_cuda_matches_the_textbook_update(tmp_path, case):
+    _assert_matches_reference(_fused_run("cuda", case, tmp_path), case)
+
+
+# The models SUM-pool every table and divide the history bag themselves
+# (embeddings.tables.bag_mean) since the H200 run where both failing cases were on fbgemm's
+# MEAN road. These record whether that road itself is what differed (XFAIL: it is; XPASS: it
+# is not, and the cause of that run's difference lies elsewhere - docs/performance.md) without
+# failing the GPU check over a kernel the project no longer calls.
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA TorchRec stack")
+@pytest.mark.xfail(strict=False, reason="diagnostic of fbgemm's CUDA MEAN pooling, which the models do not use")
+@pytest.mark.parametrize("case", [
+    *[(o, "mean", s, FUSED_DIMS[0]) for o in ("adam", "adagrad", "sgd") for s in ("table_wise", "row_wise")],
+    ("sgd", "mean", "table_wise", FUSED_DIMS[1]),
+], ids=lambda c: "-".join(map(str, c)))
+def test_fbgemm_mean_pooling_on_cuda_matches_the_textbook_update(tmp_path, case):
     _assert_matches_reference(_fused_run("cuda", case, tmp_path), case)
