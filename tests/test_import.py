@@ -299,6 +299,29 @@ def test_events_csv_string_ids_context_and_iso_time(tmp_path):
     assert alice[HIST_ITEMS] == [items["sku-1"], items["sku-2"], items["sku-3"]]
 
 
+def test_unsigned_64_bit_ids_are_refused_not_wrapped_and_import_as_strings(tmp_path):
+    """A Parquet uint64 id above 2**63 - 1 (a 64-bit hash) is not cast to a negative id: the
+    import names the row and the flag, and with --string-ids the mapping keeps the value."""
+    big = 2**63 + 12345
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.table({
+        "u": pa.array([1, 2, 1, 2], pa.int64()), "i": pa.array([5, big, 5, 7], pa.uint64()),
+        "c": pa.array([1, 1, 1, 2], pa.int64()),
+        "t": pa.array([1614592800, 1614679200, 1614765600, 1614765600], pa.int64()),
+        "v": pa.array([1, 0, 1, 0], pa.int64()),
+    }), log)
+    out = tmp_path / "out"
+    args = ["--format", "events", str(log), "--columns", "user=u,item=i,category=c,timestamp=t,value=v",
+            "--train-days", "1"]
+    with pytest.raises(DataError) as e:
+        run([*args, "--out", str(out)])
+    assert f"{log}" in str(e.value) and f"column 'i': {big} is above the signed 64-bit range of ids" in str(e.value)
+    assert "--string-ids item" in str(e.value) and not out.exists()
+    run([*args, "--out", str(out), "--string-ids", "item"])
+    items = {x["key"]: x["raw"] for x in pq.read_table(out / "ids" / "item_id.parquet").to_pylist()}
+    assert set(items) == {"5", str(big), "7"}
+
+
 def test_string_hash_is_pinned():
     # fnv1a64 -> fmix64 -> top bit cleared; a change would silently change every imported string id.
     got = [int(x) for x in hash_strings(pa.array(["alice", "sku-1", "", "ünï"]))]

@@ -246,7 +246,13 @@ def parse_int(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[in
     """Integer column (ints or decimal strings) -> ``[n]`` int64; DataError on the first bad value."""
     check_no_nulls(arr, column, locate)
     if pa.types.is_integer(arr.type):
-        return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)
+        values = arr.to_numpy(zero_copy_only=False)
+        if values.dtype == np.uint64 and len(values) and values.max() > np.uint64(np.iinfo(np.int64).max):
+            # A cast would wrap them to negative ids (an id mapping of wrong raw ids).
+            i = first_bad(values > np.uint64(np.iinfo(np.int64).max))
+            raise DataError(f"{locate(i)}: column '{column}': {int(values[i])} is above the signed 64-bit "
+                            f"range of ids{hint}")
+        return np.asarray(values, dtype=np.int64)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
             return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False)
