@@ -322,6 +322,61 @@ def test_unsigned_64_bit_ids_are_refused_not_wrapped_and_import_as_strings(tmp_p
     assert set(items) == {"5", str(big), "7"}
 
 
+def test_train_args_survive_the_shells_word_splitting(tmp_path):
+    """README: `cdp-rec train --config BASE $(cat <out>/train_args)`. The shell splits that at
+    whitespace and keeps quotes, so a widened context vocabulary (a mapping) must be one bare
+    word that the config loader reads back."""
+    from cdp_rec.cli import build_parser
+    from cdp_rec.config import load_config
+
+    log = tmp_path / "log.csv"
+    lines = ["who,what,kind,when,clicked,page"]
+    for k in range(40):  # 20 pages: above the config's 8, so the import widens the vocabulary
+        lines.append(f"u{k % 7},{k % 11},{k % 3},{1614592800 + k * 7200},{k % 2},p{k % 20}")
+    log.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run(["--format", "events", str(log), "--out", str(out), "--columns",
+         "user=who,item=what,category=kind,timestamp=when,value=clicked", "--context", "page=page",
+         "--string-ids", "user,page"])
+    words = (out / "train_args").read_text().split()  # what $(cat ...) passes
+    assert any(w.startswith("features.context_features=") for w in words), words
+    args = build_parser().parse_args(["train", "--config", "configs/tiny.yaml", *words])
+    cfg = load_config(args.config, args.set)
+    assert cfg.features.context_features == {"hour": 24, "page": 20}
+    assert cfg.data.root == str(out) and cfg.features.num_users == 7
+
+
+def test_raw_ids_import_writes_a_config_that_trains(tmp_path):
+    """--raw-ids: tables whose ids are hashes or sparse 64-bit numbers get managed-collision
+    mappings sized from the log; near-dense ones stay dense; `train` runs on the flags as
+    `$(cat train_args)` passes them."""
+    from cdp_rec.cli import main
+
+    rng = np.random.default_rng(0)
+    lines = ["who,what,kind,when,clicked,app"]
+    t0 = 1614556800  # 2021-03-01 00:00 UTC
+    for k in range(600):
+        user, item = f"u{rng.integers(40)}", int(rng.integers(60)) * 1_000_003_000_017 + 7
+        lines.append(f"{user},{item},{item % 5},{t0 + k * 400},{int(rng.random() < 0.3)},{['ios', 'web'][k % 2]}")
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run(["--format", "events", str(log), "--out", str(out), "--raw-ids", "--string-ids", "user,client",
+         "--columns", "user=who,item=what,category=kind,timestamp=when,value=clicked", "--scene", "client=app",
+         "--session-gap", "0"])
+    features = spec_of(out)["train_config"]["features"]
+    assert features["id_mapping"] == {"user": "managed", "item": "managed", "scene_client": "managed"}
+    n_items = spec_of(out)["cardinality"]["item_id"]["distinct"]
+    assert features["num_items"] == n_items + n_items // 4 + 1 and features["num_categories"] == 5  # dense 0..4
+    words = (out / "train_args").read_text().split()  # what $(cat ...) passes
+    run_dir = tmp_path / "runs"
+    assert main(["train", "--config", "configs/tiny.yaml", *words, "--set", "train.epochs=1",
+                 "--set", f"train.run_dir={run_dir}", "--set", "train.run_name=raw", "--set", "train.progress=false",
+                 "--set", "train.batch_size=64"]) == 0
+    metrics = json.loads((run_dir / "raw" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 168 and metrics["id_mapping_days"]  # the test day, scored
+
+
 def test_string_hash_is_pinned():
     # fnv1a64 -> fmix64 -> top bit cleared; a change would silently change every imported string id.
     got = [int(x) for x in hash_strings(pa.array(["alice", "sku-1", "", "ünï"]))]

@@ -31,9 +31,10 @@ def add_import_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["rows", "joined"], default=None, help="storage layout (default: data.layout)")
     ids = p.add_mutually_exclusive_group()
     ids.add_argument("--remap", dest="remap", action="store_true", default=True,
-                     help="dense ids 0..n-1 per column, mapping in <out>/ids/ (default: trainable today)")
+                     help="dense ids 0..n-1 per column, mapping in <out>/ids/ (default)")
     ids.add_argument("--raw-ids", dest="remap", action="store_false",
-                     help="keep the raw (or hashed string) ids; training then needs hashed/managed tables")
+                     help="keep the raw (or hashed string) ids; tables whose ids are not row numbers become "
+                          "managed-collision tables (features.id_mapping) in the written config")
     g = p.add_argument_group("labels and histories")
     g.add_argument("--positive", default=None,
                    help="positive rule: event types 'buy,cart,fav', a comparison 'rating>=4', or 'all' "
@@ -171,10 +172,13 @@ def summary(result: Any, config: str | None) -> str:
     if neg:
         lines.append(f"negatives: {neg['per_positive']} per positive ({neg['sampler']}, seed {neg['seed']}), observed "
                      f"{neg['observed_per_positive']:.3f}, {neg['dropped']} dropped")
-    if not s["ids"]["trainable"]:
-        lines.append("note: raw ids outside [0, 2**31): training needs hashed / managed-collision tables (not yet)")
+    if s["ids"].get("managed_tables"):
+        lines.append(f"raw ids: managed-collision tables {', '.join(s['ids']['managed_tables'])} (rows: distinct ids "
+                     f"+ 25%; features.id_mapping in the fragment and the flags below)")
     lines.append(f"spec: {result.out}/_dataset.json; config fragment: {result.out}/train.yaml "
                  f"(or the --set flags in {result.out}/train_args)")
+    if any(ch.isspace() for o in result.overrides for ch in o):
+        lines.append(f"note: {result.out} holds whitespace, which `$(cat train_args)` splits: use the command below")
     base = f"--config {config} " if config else ""
     lines.append("train it: cdp-rec train " + base + " ".join(f"--set {shlex.quote(o)}" for o in result.overrides))
     return "\n".join(lines)

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
@@ -1181,9 +1180,12 @@ class _Importer:
                        "rule": "each user's last floor(f * n) impression events (by ts, log order) are day 1"}),
             "ids": {"remapped": o.remap, "string_hash": ID_HASH, "string_columns": list(self.src.string_roles),
                     "mapping_dir": IDS_DIR if o.remap else None, "trainable": trainable,
-                    **({} if o.remap else {"note": "raw ids: training needs hashed / managed-collision tables "
-                                                   "(not available yet) unless every id is below the vocab "
-                                                   "sizes of the features fragment"})},
+                    **({} if o.remap else {
+                        "note": "raw ids: a table whose ids are not already row numbers (non-negative, at least "
+                                "half of 0..max used) is a managed-collision table (features.id_mapping) of "
+                                "distinct ids + 25% rows; the rest are dense",
+                        "managed_tables": sorted(t for t, k in fragment["features"].get("id_mapping", {}).items()
+                                                 if k == "managed")})},
             "context_features": {c: ("column " + self.src.context_columns[c] if c in self.src.context_columns
                                      else "local hour of ts" if c == "hour" else "constant 0")
                                  for c in self.ctx_names},
@@ -1196,9 +1198,10 @@ class _Importer:
             "# Written by `cdp-rec import`: pass it as --config, or copy these keys into your config\n"
             "# (or use the --set overrides in _dataset.json's train_overrides).\n"
             + yaml.safe_dump(fragment, sort_keys=False))
-        # The --set flags as one line, for `cdp-rec train --config BASE $(cat <out>/train_args)` (a value
-        # with spaces, e.g. a changed context_features mapping, needs the quoted form printed instead).
-        (self.root / ARGS_FILE).write_text(" ".join(f"--set {shlex.quote(x)}" for x in overrides) + "\n")
+        # The --set flags as one line, for `cdp-rec train --config BASE $(cat <out>/train_args)`: the
+        # shell splits that at whitespace and removes no quotes, so the flags are written bare (no
+        # value holds a space but a data path with one, which the summary warns about).
+        (self.root / ARGS_FILE).write_text(" ".join(f"--set {x}" for x in overrides) + "\n")
         write_dataset_spec(self.root, spec)
         return ImportResult(out=self.root, spec=spec, fragment=fragment, overrides=overrides)
 
@@ -1206,27 +1209,35 @@ class _Importer:
         o = self.opts
         base = o.base.features
 
-        def vocab(key: str) -> int:
+        mapping: dict[str, str] = {}
+
+        def vocab(key: str, table: str, base_size: int = 1) -> int:
+            """Rows of ``table`` for the ids in ``self.uniq[key]`` (``mapping`` notes raw-id tables)."""
             u = self.uniq[key]
-            if o.remap:
-                return max(1, len(u))
-            return int(u.max()) + 1 if len(u) and u.min() >= 0 else 0
+            if o.remap or not len(u):
+                return max(base_size, len(u), 1)
+            lo, hi, n = int(u.min()), int(u.max()), len(u)
+            if lo >= 0 and hi + 1 <= max(base_size, 2 * n):  # already row numbers, at least half of them used
+                return max(base_size, hi + 1)
+            # Raw ids (hashes, sparse 64-bit): a managed-collision table, every id of the log its own
+            # row plus a quarter for ids that arrive later (and the row ids without one share).
+            mapping[table] = "managed"
+            return max(2, n + n // 4 + 1)
 
         ctx, scene = {}, {}
         for c in self.ctx_names:
             size = base.context_features.get(c, 24 if c == "hour" else 1)
             if c in self.src.context_columns:
-                size = max(size, vocab(f"c_{c}"))
+                size = vocab(f"c_{c}", f"ctx_{c}", size)
             ctx[c] = size
         for s in self.scene_names:
             size = base.scene_features.get(s, 1)
             if s in self.src.scene_columns:
-                size = max(size, vocab(f"s_{s}"))
+                size = vocab(f"s_{s}", f"scene_{s}", size)
             scene[s] = size
-        sizes = {"num_users": vocab("user"), "num_items": vocab("item"), "num_queries": vocab("query"),
-                 "num_categories": vocab("cat")}
+        sizes = {"num_users": vocab("user", "user"), "num_items": vocab("item", "item"),
+                 "num_queries": vocab("query", "query"), "num_categories": vocab("cat", "category")}
         trainable = all(0 < v < 1 << 31 for v in sizes.values())
-        sizes = {k: (v if 0 < v < 1 << 31 else 1) for k, v in sizes.items()}
         features = FeatureConfig(**sizes, context_features=ctx, scene_features=scene, max_seq_len=self.L)
         data = {"root": str(o.out), "train_days": self.train_days, "test_days": self.test_days, "layout": o.layout,
                 "generate_if_missing": False}
@@ -1234,7 +1245,10 @@ class _Importer:
             data["num_user_buckets"] = self.N
         if not self.stats.rows.all() and "allow_empty_days" in {f.name for f in dataclasses.fields(o.base.data)}:
             data["allow_empty_days"] = True  # calendar days without events stay in the day numbering
-        fragment = {"features": _data_features(features), "data": data}
+        fragment: dict[str, Any] = {"features": _data_features(features), "data": data}
+        id_mapping = {**mapping, **base.id_mapping}  # a mapping the base config names wins
+        if id_mapping:
+            fragment["features"]["id_mapping"] = id_mapping
         overrides = [f"data.root={o.out}"]
         base_data = o.base.data
         for k, v in data.items():
@@ -1242,8 +1256,11 @@ class _Importer:
                 overrides.append(f"data.{k}={str(v).lower() if isinstance(v, bool) else v}")
         for k, v in _data_features(features).items():
             if getattr(base, k) != v:
-                val = json.dumps(v).replace('"', "") if isinstance(v, dict) else v
+                # Compact JSON (YAML reads it): no space, so the flag survives `$(cat train_args)`.
+                val = json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else v
                 overrides.append(f"features.{k}={val}")
+        if id_mapping != base.id_mapping:
+            overrides.append(f"features.id_mapping={json.dumps(id_mapping, separators=(',', ':'))}")
         return features, fragment, overrides, trainable
 
     def _write_id_maps(self) -> None:
