@@ -9,6 +9,7 @@ synthetic generator's own rows (round trip through an exported event log).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from collections import Counter
 from pathlib import Path
@@ -522,6 +523,27 @@ def test_out_must_be_new_or_forced_and_failures_keep_the_old_data(tmp_path):
     assert (out / "keep.txt").exists()  # a failed import leaves the old directory alone
     run(["--format", "taobao", str(src), "--out", str(out), "--force"])
     assert not (out / "keep.txt").exists() and (out / "_dataset.json").exists()
+
+
+def test_stray_timestamps_or_a_cut_off_test_day_are_refused_not_split_on(tmp_path):
+    """One event 300 days before the log stretched the calendar split to 300+ mostly empty
+    days; one event days after it became the whole test day. Both are refused naming the
+    fix; --allow-uneven-days keeps the split, --since / --until bound it."""
+    events = taobao_events(n=400)
+    last = max(e[4] for e in events)
+    out = tmp_path / "out"
+    early = write_taobao(tmp_path / "early.csv", events + [(1, 2, 3, "pv", T0 - 300 * DAY)])
+    with pytest.raises(DataError, match=r"of the 30\d days hold no rows .*--since / --until.*--allow-uneven-days"):
+        run(["--format", "taobao", str(early), "--out", str(out)])
+    assert not out.exists()
+    late = write_taobao(tmp_path / "late.csv", events + [(1, 2, 3, "pv", last + 3 * DAY)])
+    with pytest.raises(DataError, match=r"test day \d+ \(\d{4}-\d\d-\d\d\) holds 5 rows against a median of"):
+        run(["--format", "taobao", str(late), "--out", str(out)])
+    run(["--format", "taobao", str(late), "--out", str(out), "--allow-uneven-days"])
+    assert spec_of(out)["day_stats"][-1]["rows"] == 5  # the stray event and its 4 sampled negatives
+    bound = (dt.datetime.fromtimestamp(last, dt.timezone.utc)).date().isoformat()
+    run(["--format", "taobao", str(late), "--out", str(tmp_path / "bound"), "--until", bound])
+    assert spec_of(tmp_path / "bound")["day_stats"][-1]["rows"] > 5
 
 
 def test_all_positive_log_without_negatives_is_refused(tmp_path):

@@ -54,6 +54,9 @@ def add_import_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--tz", default="UTC", help="time zone of the calendar days (IANA name, default UTC)")
     t.add_argument("--since", default=None, help="drop events before this local date (YYYY-MM-DD)")
     t.add_argument("--until", default=None, help="drop events after this local date (YYYY-MM-DD, inclusive)")
+    t.add_argument("--allow-uneven-days", action="store_true",
+                   help="keep a day split whose test day holds < 5%% of a typical day's rows or whose days are "
+                        "mostly empty (refused by default: stray timestamps or a cut-off last day)")
     t.add_argument("--split", choices=["days", "last-fraction"], default=None,
                    help="days: the last train+test calendar days; last-fraction: each user's last fraction of "
                         "impressions is the test day (default: movielens last-fraction, else days)")
@@ -138,6 +141,7 @@ def options_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any
         sampler=args.sampler, seed=args.seed, session_gap=args.session_gap, tz=args.tz,
         split=args.split or defaults.get("split", "days"), train_days=args.train_days, test_days=args.test_days,
         test_fraction=args.test_fraction, since=args.since, until=args.until, buckets=args.buckets,
+        allow_uneven_days=args.allow_uneven_days,
         force=args.force, verbose=not args.quiet,
     )
 

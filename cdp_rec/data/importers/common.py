@@ -451,6 +451,7 @@ class ImportOptions:
     test_fraction: float = 0.2
     since: str | None = None  # local date, inclusive
     until: str | None = None  # local date, inclusive
+    allow_uneven_days: bool = False  # keep a split whose test day is tiny or whose days are mostly empty
     buckets: int | None = None  # output user buckets (default: ~1M events each, power of 2)
     scan_buckets: int | None = None  # temp buckets of the scan (default: from the input size)
     force: bool = False
@@ -1126,6 +1127,8 @@ class _Importer:
             if o.split == "days":
                 info["date"] = (self.first_date + dt.timedelta(days=self.first_out_cal + d)).isoformat()
             days_info.append(info)
+        if o.split == "days" and not o.allow_uneven_days:
+            self._check_day_coverage(days_info)
         total_rows, total_pos = int(st.rows.sum()), int(st.pos.sum())
         if total_rows and total_pos in (0, total_rows):
             raise DataError(f"every one of the {total_rows:,} rows is labelled {1 if total_pos else 0}: give a "
@@ -1204,6 +1207,24 @@ class _Importer:
         (self.root / ARGS_FILE).write_text(" ".join(f"--set {x}" for x in overrides) + "\n")
         write_dataset_spec(self.root, spec)
         return ImportResult(out=self.root, spec=spec, fragment=fragment, overrides=overrides)
+
+    def _check_day_coverage(self, days: list[dict[str, Any]]) -> None:
+        """Refuse a calendar split that a few stray timestamps or a cut-off last day made useless:
+        a test day far below a typical day (its AUC would rest on a handful of rows) or mostly
+        empty days (a stray event months away stretches the range)."""
+        rows = np.array([d["rows"] for d in days])
+        typical = float(np.median(rows[rows > 0])) if (rows > 0).any() else 0.0
+        span = f"the log's events run from {days[0].get('date')} to {days[-1].get('date')} ({self.opts.tz})"
+        fix = "bound the days with --since / --until, or pass --allow-uneven-days to keep this split"
+        empty = int((rows == 0).sum())
+        if empty > len(rows) // 2:
+            raise DataError(f"{empty} of the {len(rows)} days hold no rows ({span}): stray timestamps far from "
+                            f"the bulk of the log? {fix}")
+        for d in days[self.train_days:]:
+            if d["rows"] < 0.05 * typical:
+                raise DataError(f"test day {d['day']} ({d.get('date')}) holds {d['rows']:,} rows against a median "
+                                f"of {typical:,.0f} per day that has rows ({span}): a cut-off last day or stray "
+                                f"timestamps after the log? {fix}")
 
     def _fragment(self) -> tuple[FeatureConfig, dict[str, Any], list[str], bool]:
         o = self.opts
