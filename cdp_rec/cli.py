@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports for the job
     m = result.metrics
     print(
-        f"{m['model']}: AUC {_fmt(m['auc'])}  UAUC {_fmt(m['uauc'])}  GAUC {_fmt(m['gauc'])}  "
+        f"{m['model']}: AUC {_fmt(m['auc'])}  {_groups(m)}  "
         f"({m['num_train_samples']} train / {m['num_eval_samples']} eval samples, "
         f"{m['train_samples_per_s']:.0f} samples/s)"
     )
@@ -150,8 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, None, model=model)
     m = trainer.evaluate(open_reader(cfg, root, days, cfg.train.eval_batch_size))
     d = m.to_dict()
-    print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {_fmt(d['auc'])}  UAUC {_fmt(d['uauc'])}  "
-          f"GAUC {_fmt(d['gauc'])}  ({d['num_samples']} samples)")
+    print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {_fmt(d['auc'])}  {_groups(d)}  "
+          f"({d['num_samples']} samples)")
     return 0
 
 
@@ -207,6 +207,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _groups(m: dict) -> str:
+    """UAUC and GAUC with how many users / requests they average (those with both labels):
+    a GAUC of a handful of requests must not read like one of thousands."""
+    return (f"UAUC {_fmt(m['uauc'])} ({m['num_users_used']:,} users)  "
+            f"GAUC {_fmt(m['gauc'])} ({m['num_requests_used']:,} requests)")
 
 
 def build_parser() -> argparse.ArgumentParser:

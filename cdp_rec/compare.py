@@ -319,6 +319,8 @@ def run_compare(
         "seeds": ", ".join(map(str, range(seeds))),
         "train / eval samples per run": f"{runs[0]['metrics']['num_train_samples']} / "
         f"{runs[0]['metrics']['num_eval_samples']}",
+        "UAUC / GAUC groups (users / requests with both labels on the test days)":
+        f"{runs[0]['metrics']['num_users_used']:,} / {runs[0]['metrics']['num_requests_used']:,}",
         "eval batch size (latency)": cfg0.train.eval_batch_size,
         "torch threads": torch.get_num_threads(),
     }

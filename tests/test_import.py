@@ -347,7 +347,7 @@ def test_train_args_survive_the_shells_word_splitting(tmp_path):
     assert cfg.data.root == str(out) and cfg.features.num_users == 7
 
 
-def test_raw_ids_import_writes_a_config_that_trains(tmp_path):
+def test_raw_ids_import_writes_a_config_that_trains(tmp_path, capsys):
     """--raw-ids: tables whose ids are hashes or sparse 64-bit numbers get managed-collision
     mappings sized from the log; near-dense ones stay dense; `train` runs on the flags as
     `$(cat train_args)` passes them."""
@@ -376,6 +376,10 @@ def test_raw_ids_import_writes_a_config_that_trains(tmp_path):
                  "--set", "train.batch_size=64"]) == 0
     metrics = json.loads((run_dir / "raw" / "metrics.json").read_text())
     assert metrics["num_samples"] == 168 and metrics["id_mapping_days"]  # the test day, scored
+    # The summary says how many users / requests the group AUCs average over.
+    printed = capsys.readouterr().out
+    assert f"({metrics['num_users_used']:,} users)  GAUC " in printed, printed
+    assert f"({metrics['num_requests_used']:,} requests)" in printed, printed
 
 
 def test_string_hash_is_pinned():

@@ -330,6 +330,8 @@ def test_compare_quick_writes_tables(small_root, tmp_path, capsys):
     assert [r["model"] for r in results["runs"]] == ["base", "sim"]
     assert all(r["metrics"]["auc"] > 0.5 and r["inference_ms_per_batch"] > 0 for r in results["runs"])
     assert (out / "results.md").read_text().startswith("# Model comparison")
+    m = results["runs"][0]["metrics"]  # how many groups UAUC / GAUC average is part of the report
+    assert f"{m['num_users_used']:,} / {m['num_requests_used']:,}" in (out / "results.md").read_text()
     assert "matplotlib is not installed" in printed or (out / "results.png").exists()
     # Running it again continues an interrupted compare: both finished runs are reused as they are.
     assert main(["compare", "--quick", "--models", "sim,base", "--seeds", "1", "--out", str(out),
