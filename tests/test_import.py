@@ -382,6 +382,20 @@ def test_raw_ids_import_writes_a_config_that_trains(tmp_path, capsys):
     assert f"({metrics['num_requests_used']:,} requests)" in printed, printed
 
 
+def test_header_with_a_byte_order_mark_or_spaces_reads_like_a_plain_one(tmp_path):
+    """Excel writes a UTF-8 BOM before the header; hand-made files put spaces after commas."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("u,i,t,v\n1,2,1614592800,1\n1,3,1614679200,0\n2,3,1614765600,1\n2,2,1614765600,0\n")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text(plain.read_text().replace("u,i,t,v", "u, i , t,v"))
+    for src in (plain, bom, spaced):
+        run(["--format", "events", str(src), "--out", str(tmp_path / src.stem), "--columns",
+             "user=u,item=i,timestamp=t,value=v", "--train-days", "1"])
+    assert read_rows(tmp_path / "bom") == read_rows(tmp_path / "plain") == read_rows(tmp_path / "spaced")
+
+
 def test_string_hash_is_pinned():
     # fnv1a64 -> fmix64 -> top bit cleared; a change would silently change every imported string id.
     got = [int(x) for x in hash_strings(pa.array(["alice", "sku-1", "", "ünï"]))]
@@ -497,6 +511,13 @@ BAD = [
      "line 3: column 'behavior_type': unknown behaviour type 'click'"),
     ("short line", "taobao", "1,2,3,pv,100\n1,2,3,pv\n", [], "line 2: expected 5 fields, got 4"),
     ("empty id", "taobao", "1,2,3,pv,100\n1,,3,pv,100\n", [], "line 2: column 'item_id': empty value"),
+    # The reader skips blank lines; the message still names the file's own line.
+    ("blank lines", "taobao", "1,2,3,pv,100\n\n\r\n1,2,3,pv,101\n1,2,3,click,102\n", [],
+     "line 5: column 'behavior_type': unknown behaviour type 'click'"),
+    ("blank lines, header", "events", "u,i,t\n\n1,2,100\n\n1,3,soon\n", ["--columns", "user=u,item=i,timestamp=t"],
+     "line 5: column 't': 'soon' is not a unix timestamp"),
+    ("taobao header", "taobao", "user_id,item_id,category_id,behavior_type,timestamp\n1,2,3,pv,100\n", [],
+     "line 1 'user_id,item_id,category_id,behavior_type,timestamp' looks like a header; the taobao format"),
 ]
 
 

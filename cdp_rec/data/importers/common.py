@@ -368,13 +368,48 @@ def _text_lines(path: Path, encoding: str) -> Iterator[str]:
         yield from io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
 
 
+def first_line(path: Path, encoding: str = "utf8") -> str:
+    """The file's first line as the CSV reader sees it ("" for an empty file)."""
+    return next(iter(_text_lines(path, encoding)), "")
+
+
 def read_header(path: Path, delimiter: str, encoding: str = "utf8") -> list[str]:
+    """The header's column names, stripped of spaces and of a UTF-8 byte-order mark (Excel)."""
     import csv
 
-    line = next(iter(_text_lines(path, encoding)), "")
+    line = first_line(path, encoding)
     if not line:
         raise DataError(f"{path}: empty file (expected a header line)")
-    return [c.strip() for c in next(csv.reader([line], delimiter=delimiter))]
+    return [c.strip() for c in next(csv.reader([line.lstrip("\ufeff")], delimiter=delimiter))]
+
+
+def record_line(path: Path, record: int, delimiter: str, encoding: str = "utf8", quoting: bool = True) -> int:
+    """The physical line of CSV record ``record`` (1-based, the reader's count: blank lines are
+    skipped and not counted, a quoted field may span lines). Rereads the file up to it: for
+    error messages only."""
+    import csv
+
+    lines = _text_lines(path, encoding)
+    if quoting and len(delimiter) == 1:
+        reader = csv.reader(lines, delimiter=delimiter)
+        n = 0
+        for row in reader:
+            n += bool(row)
+            if n == record:
+                return reader.line_num
+        return record
+    n = 0
+    for k, ln in enumerate(lines, start=1):
+        n += bool(ln.rstrip("\r\n"))
+        if n == record:
+            return k
+    return record
+
+
+def line_locator(path: Path, record0: int, delimiter: str, encoding: str = "utf8",
+                 quoting: bool = True) -> Callable[[int], str]:
+    """``locate(i)``: "<path>: line N" of the i-th row of a batch whose first row is record ``record0``."""
+    return lambda i: f"{path}: line {record_line(path, record0 + i, delimiter, encoding, quoting)}"
 
 
 def iter_csv(
@@ -400,7 +435,11 @@ def iter_csv(
         bad.append(row)
         return "error"
 
-    read = pacsv.ReadOptions(column_names=column_names, block_size=block_size, encoding=encoding)
+    # A header is read here (stripped, BOM removed) and skipped by the reader, so the names the
+    # columns are checked against are the names they are read by.
+    names = read_header(path, delimiter, encoding) if column_names is None else column_names
+    read = pacsv.ReadOptions(column_names=names, skip_rows=int(column_names is None), block_size=block_size,
+                             encoding=encoding)
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
                                invalid_row_handler=on_invalid)
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,

@@ -42,6 +42,7 @@ from cdp_rec.data.importers.common import (
     Source,
     check_types,
     iter_csv,
+    line_locator,
     parse_id,
     parse_ts,
     parse_value,
@@ -194,7 +195,7 @@ def source(
             else:
                 for line0, rb in iter_csv(path, None if header else names, needed, delimiter, block_size):
                     yield convert({c: rb.column(c) for c in needed},
-                                  lambda i, p=path, l0=line0: f"{p}: line {l0 + i}")
+                                  line_locator(path, line0, delimiter))
 
     value_names = ("value", cols["value"]) if "value" in cols else ()
     return Source(

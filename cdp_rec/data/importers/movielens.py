@@ -33,6 +33,7 @@ from cdp_rec.data.importers.common import (
     check_no_nulls,
     hash_strings,
     iter_csv,
+    line_locator,
     parse_int,
     parse_ts,
     parse_value,
@@ -148,18 +149,18 @@ def source(files: list[Path], movies: Path | None = None, genre: str = "first", 
                     if c not in header:
                         raise DataError(f"{path}: column '{c}' missing (file has columns {header})")
                 stream = ((l0, [rb.column(c) for c in cols]) for l0, rb in iter_csv(path, None, cols, ",", block_size))
-                names = cols
+                names, reading = cols, (",", "utf8", True)
             elif kind == "dat":
-                names = ["UserID", "MovieID", "Rating", "Timestamp"]
+                names, reading = ["UserID", "MovieID", "Rating", "Timestamp"], (_SEP, "latin-1", False)
                 stream = ((l0, _split_lines(path, rb, l0, 4, "::"))
                           for l0, rb in iter_csv(path, ["line"], ["line"], _SEP, block_size, quoting=False,
                                                  encoding="latin-1"))
             else:
-                names = ["user_id", "item_id", "rating", "timestamp"]
+                names, reading = ["user_id", "item_id", "rating", "timestamp"], ("\t", "utf8", False)
                 stream = ((l0, [rb.column(c) for c in names])
                           for l0, rb in iter_csv(path, names, names, "\t", block_size, quoting=False))
             for line0, (u, m, r, t) in stream:
-                locate = lambda i, p=path, l0=line0: f"{p}: line {l0 + i}"  # noqa: E731
+                locate = line_locator(path, line0, *reading)
                 item = parse_int(m, names[1], locate)
                 pos = np.minimum(np.searchsorted(mids, item), max(len(mids) - 1, 0))
                 missing = (mids[pos] != item) if len(mids) else np.ones(len(item), bool)

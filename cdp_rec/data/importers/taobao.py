@@ -14,10 +14,13 @@ from cdp_rec.data.importers.common import (
     EventBatch,
     Source,
     check_types,
+    first_line,
     iter_csv,
+    line_locator,
     parse_int,
     parse_ts,
 )
+from cdp_rec.data.loader import DataError
 
 BEHAVIOUR_TYPES = ("pv", "cart", "fav", "buy")
 COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
@@ -29,8 +32,9 @@ def source(files: list[Path], block_size: int = 16 << 20) -> Source:
 
     def batches() -> Iterator[EventBatch]:
         for path in files:
+            _refuse_header(path)
             for line0, rb in iter_csv(path, COLUMNS, COLUMNS, ",", block_size):
-                locate = lambda i, p=path, l0=line0: f"{p}: line {l0 + i}"  # noqa: E731
+                locate = line_locator(path, line0, ",")
                 cols = {c: rb.column(c) for c in COLUMNS}
                 check_types(cols["behavior_type"], BEHAVIOUR_TYPES, "behavior_type", locate)
                 yield EventBatch(
@@ -43,3 +47,13 @@ def source(files: list[Path], block_size: int = 16 << 20) -> Source:
                 )
 
     return Source(format="taobao", files=files, batches=batches, has_event=True, event_types=BEHAVIOUR_TYPES)
+
+
+def _refuse_header(path: Path) -> None:
+    """UserBehavior.csv has no header; a file with one would fail on line 1 as an unknown
+    behaviour type 'behavior_type' - say what it is instead."""
+    first = first_line(path).lstrip("\ufeff").strip()
+    fields = [f.strip() for f in first.split(",")]
+    if len(fields) == len(COLUMNS) and fields[3] not in BEHAVIOUR_TYPES and not fields[4].lstrip("-").isdigit():
+        raise DataError(f"{path}: line 1 {first[:80]!r} looks like a header; the taobao format (UserBehavior.csv) "
+                        f"has none: remove the line, or import the file with --format events --columns ...")
