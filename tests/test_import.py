@@ -571,6 +571,14 @@ def test_stray_timestamps_or_a_cut_off_test_day_are_refused_not_split_on(tmp_pat
     assert spec_of(tmp_path / "bound")["day_stats"][-1]["rows"] > 5
 
 
+def test_items_logged_under_several_categories_are_counted(tmp_path, capsys):
+    events = taobao_events(n=200)
+    events += [(7, 100, 6, "pv", T0 + 4 * DAY + 9), (8, 101, 2, "pv", T0 + 4 * DAY + 9)]  # 100 % 7 == 2, 101 % 7 == 3
+    run(["--format", "taobao", str(write_taobao(tmp_path / "ub.csv", events)), "--out", str(tmp_path / "out")])
+    assert spec_of(tmp_path / "out")["items_with_several_categories"] == 2
+    assert "note: 2 items are logged under more than one category" in capsys.readouterr().out
+
+
 def test_all_positive_log_without_negatives_is_refused(tmp_path):
     src = write_taobao(tmp_path / "ub.csv", taobao_events(n=50))
     with pytest.raises(DataError, match="--negatives K"):

@@ -535,20 +535,27 @@ class _Distinct:
 
 
 class _ItemStats:
-    """Per raw item: positive events and the category of its first event (log order)."""
+    """Per raw item: positive events, the category of its first event (log order) and the
+    smallest / largest category it was logged under (they differ: an item of several)."""
 
     def __init__(self) -> None:
         self.items = np.zeros(0, np.int64)
         self.pos = np.zeros(0, np.int64)
         self.first = np.zeros(0, np.int64)
         self.cat = np.zeros(0, np.int64)
+        self.cat_min = np.zeros(0, np.int64)
+        self.cat_max = np.zeros(0, np.int64)
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_n = 0
 
     def add(self, item: np.ndarray, cat: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> None:
         u, first_idx, inv = np.unique(item, return_index=True, return_inverse=True)
         counts = np.bincount(inv, weights=pos, minlength=len(u)).astype(np.int64)
-        self._pending.append((u, counts, seq[first_idx], cat[first_idx]))
+        lo = np.full(len(u), np.iinfo(np.int64).max)
+        hi = np.full(len(u), np.iinfo(np.int64).min)
+        np.minimum.at(lo, inv, cat)
+        np.maximum.at(hi, inv, cat)
+        self._pending.append((u, counts, seq[first_idx], cat[first_idx], lo, hi))
         self._pending_n += len(u)
         if self._pending_n > max(1 << 22, len(self.items)):
             self._merge()
@@ -556,18 +563,24 @@ class _ItemStats:
     def _merge(self) -> None:
         if not self._pending:
             return
-        parts = [(self.items, self.pos, self.first, self.cat), *self._pending]
-        items, pos, first, cat = (np.concatenate(c) for c in zip(*parts))
+        parts = [(self.items, self.pos, self.first, self.cat, self.cat_min, self.cat_max), *self._pending]
+        items, pos, first, cat, lo, hi = (np.concatenate(c) for c in zip(*parts))
         order = np.lexsort((first, items))
-        items, pos, first, cat = items[order], pos[order], first[order], cat[order]
+        items, pos, first, cat, lo, hi = (a[order] for a in (items, pos, first, cat, lo, hi))
         starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
         self.items, self.first, self.cat = items[starts], first[starts], cat[starts]
         self.pos = np.add.reduceat(pos, starts) if len(pos) else pos
+        self.cat_min = np.minimum.reduceat(lo, starts) if len(lo) else lo
+        self.cat_max = np.maximum.reduceat(hi, starts) if len(hi) else hi
         self._pending, self._pending_n = [], 0
 
     def final(self) -> "_ItemStats":
         self._merge()
         return self
+
+    def several_categories(self) -> int:
+        """Items logged under more than one category."""
+        return int((self.cat_min != self.cat_max).sum())
 
 
 class _Strings:
@@ -1202,6 +1215,9 @@ class _Importer:
             "event_types": dict(sorted(self.type_counts.items())) or None,
             "rule_types_not_in_log": self.unseen_types or None,
             "cardinality": card,
+            # Rows and histories keep each event's own category; a sampled negative takes its item's
+            # first event's (rules.negatives.item_category).
+            "items_with_several_categories": self.item_stats.several_categories(),
             "time_range": {"min_ts": self.min_ts, "max_ts": self.max_ts, "tz": o.tz,
                            "first_date": self.first_date.isoformat(),
                            "last_date": (self.first_date + dt.timedelta(days=self.n_cal - 1)).isoformat(),
