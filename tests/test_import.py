@@ -516,6 +516,10 @@ BAD = [
      "line 5: column 'behavior_type': unknown behaviour type 'click'"),
     ("blank lines, header", "events", "u,i,t\n\n1,2,100\n\n1,3,soon\n", ["--columns", "user=u,item=i,timestamp=t"],
      "line 5: column 't': 'soon' is not a unix timestamp"),
+    ("ms timestamps", "taobao", "1,2,3,pv,1511539200000\n", [],
+     "line 1: column 'timestamp': 1511539200000 is after 2200-01-01 as a unix timestamp in s: milliseconds or finer?"),
+    ("id beyond int64", "taobao", "1,2,3,pv,100\n99999999999999999999999,2,3,pv,101\n", [],
+     "line 2: column 'user_id': 99999999999999999999999 is beyond the signed 64-bit range of ids"),
     ("taobao header", "taobao", "user_id,item_id,category_id,behavior_type,timestamp\n1,2,3,pv,100\n", [],
      "line 1 'user_id,item_id,category_id,behavior_type,timestamp' looks like a header; the taobao format"),
 ]
@@ -532,6 +536,23 @@ def test_bad_input_is_one_line_naming_file_line_column(tmp_path, case):
     assert str(src) in str(e.value) and message in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["log.csv"]  # no staging left
+
+
+def test_bad_parquet_event_and_time_values_are_one_line(tmp_path):
+    """A null event type and a NaN float timestamp: named like every other bad value."""
+    base = {"u": [1, 2], "i": [5, 6], "t": [1614592800.0, 1614679200.0], "e": ["buy", "pv"]}
+    args = ["--columns", "user=u,item=i,timestamp=t,event=e", "--positive", "buy"]
+    for name, edit, message in (("null-event", {"e": ["buy", None]}, "row 1: column 'e': empty value"),
+                                ("nan-ts", {"t": [1614592800.0, float("nan")]},
+                                 "row 1: column 't': nan is not a unix timestamp (s)")):
+        src = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({**base, **edit}), src)
+        with pytest.raises(DataError) as e:
+            run(["--format", "events", str(src), "--out", str(tmp_path / name), *args])
+        assert str(src) in str(e.value) and message in str(e.value), str(e.value)
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(DataError, match="logs: a directory, not a log file"):
+        run(["--format", "taobao", str(tmp_path / "logs"), "--out", str(tmp_path / "o")])
 
 
 def test_out_must_be_new_or_forced_and_failures_keep_the_old_data(tmp_path):

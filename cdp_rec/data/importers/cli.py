@@ -89,7 +89,8 @@ def build_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     files = [Path(x) for x in args.inputs]
     for path in files:
         if not path.is_file():
-            raise DataError(f"{path}: file not found")
+            raise DataError(f"{path}: " + ("a directory, not a log file (pass its files)" if path.is_dir()
+                                           else "file not found"))
     if args.format == "taobao":
         from cdp_rec.data.importers import taobao
 

@@ -257,8 +257,10 @@ def parse_int(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[in
             return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             ok = pc.match_substring_regex(arr, r"^\s*[-+]?\d+\s*$").to_numpy(zero_copy_only=False)
-            if ok.all():  # digits but out of int64 range
-                ok = np.zeros(len(arr), bool)
+            if ok.all():  # digits, but some beyond int64 (error path: find the first in Python)
+                i = next(k for k, v in enumerate(arr.to_pylist()) if not -2**63 <= int(v) < 2**63)
+                raise DataError(f"{locate(i)}: column '{column}': {arr[i].as_py().strip()} is beyond the signed "
+                                f"64-bit range of ids{hint}") from None
             i = first_bad(~ok)
             raise DataError(f"{locate(i)}: column '{column}': {arr[i].as_py()!r} is not an integer{hint}") from None
     raise DataError(f"{locate(0)}: column '{column}' has type {arr.type}, expected integers{hint}")
@@ -302,6 +304,7 @@ def parse_value(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[
 
 
 _TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_TS_LIMIT = 7_258_118_400  # 2200-01-01 00:00:00 UTC, in seconds
 
 
 def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int], str], unit: str = "s") -> np.ndarray:
@@ -334,7 +337,12 @@ def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int
         if unit not in _TS_UNITS:
             raise DataError(f"--ts-unit {unit!r}: expected one of {[*_TS_UNITS, 'iso']}")
         if pa.types.is_floating(arr.type):
-            ts = np.floor(arr.to_numpy(zero_copy_only=False) / _TS_UNITS[unit]).astype(np.int64)
+            values = arr.to_numpy(zero_copy_only=False)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                i = first_bad(bad)
+                raise DataError(f"{locate(i)}: column '{column}': {values[i]} is not a unix timestamp ({unit})")
+            ts = np.floor(values / _TS_UNITS[unit]).astype(np.int64)
         else:
             try:
                 raw = parse_int(arr, column, locate)
@@ -345,6 +353,12 @@ def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int
     if neg.any():
         i = first_bad(neg)
         raise DataError(f"{locate(i)}: column '{column}': negative timestamp {ts[i]}")
+    late = ts >= _TS_LIMIT
+    if late.any():
+        # Calendar days past the year 9999 do not exist; past 2200 is a finer unit read as seconds.
+        i = first_bad(late)
+        raise DataError(f"{locate(i)}: column '{column}': {arr[i].as_py()} is after 2200-01-01 as a unix "
+                        f"timestamp in {unit}: milliseconds or finer? (the events format takes --ts-unit)")
     return ts
 
 

@@ -40,6 +40,7 @@ import yaml
 from cdp_rec.data.importers.common import (
     EventBatch,
     Source,
+    check_no_nulls,
     check_types,
     iter_csv,
     line_locator,
@@ -158,6 +159,7 @@ def source(
         etype = None
         if "event" in cols:
             etype = cols_in[cols["event"]]
+            check_no_nulls(etype, cols["event"], locate)  # a null type matches no rule, and sorts with nothing
             if not (pa.types.is_string(etype.type) or pa.types.is_large_string(etype.type)):
                 etype = etype.cast(pa.string())
             if event_types is not None:
