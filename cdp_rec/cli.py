@@ -379,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except user_errors as e:
         return _fail(args, _one_line(e))
+    except KeyboardInterrupt:
+        # A committed checkpoint is never half written (staged, then renamed), so the same
+        # command resumes from the newest one; say so instead of a traceback.
+        resume = "; the same command resumes from the newest checkpoint" if args.command == "train" else ""
+        print(f"cdp-rec {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     except OSError as e:
         line = _os_error_line(e, args)
         if line is None:

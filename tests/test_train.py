@@ -49,6 +49,18 @@ def test_cli_train_reports_errors_naming_the_key(capsys, tmp_path):
     assert "data root not found" in capsys.readouterr().err
 
 
+def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys):
+    import cdp_rec.training.trainer as trainer
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert err == "cdp-rec train: interrupted; the same command resumes from the newest checkpoint\n", err
+
+
 def test_existing_data_for_another_spec_is_refused(tiny_root, tmp_path):
     cfg = load_config(None, ["features.num_items=100", f"train.run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="features.num_items"):

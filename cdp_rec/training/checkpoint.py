@@ -264,12 +264,15 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         cause = _first_failure(e)
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C inside DCP's worker, wrapped
+            raise KeyboardInterrupt from e
         if isinstance(cause, UnsafeCheckpointError):
             raise CheckpointError(f"{path}: {cause}") from e
         refused = _WEIGHTS_ONLY_REFUSAL.search(str(cause))
         if refused:  # torch's own text would suggest weights_only=False: exactly what not to do
+            why = refused.group(1).strip() or "it holds objects other than tensors and plain containers"
             raise CheckpointError(f"{path}: cannot read checkpoint (refused by the weights-only unpickler: "
-                                  f"{refused.group(1)})") from e
+                                  f"{why})") from e
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first[-1] if first else e})") from e
 
@@ -392,6 +395,8 @@ class Checkpointer:
         except BaseException as e:  # DCP's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
+            if isinstance(_first_failure(e), KeyboardInterrupt):  # Ctrl-C inside DCP's worker, wrapped
+                raise KeyboardInterrupt from e
             # A full or read-only disk surfaces as DCP's CheckpointException or torch.save's
             # RuntimeError, not as an OSError: say which directory and why, in one line.
             lines = str(e).strip().splitlines()
