@@ -96,6 +96,37 @@ def test_gen_data_refuses_a_directory_it_did_not_write(tmp_path, capsys):
     assert not (real / "behaviors").exists()
 
 
+def _ensure_data_worker(root: str, result: str) -> None:
+    from cdp_rec.data.loader import ParquetBatchReader, list_day_files
+    from cdp_rec.training.trainer import ensure_data
+
+    try:
+        cfg = load_config(None, [*SMALL, "data.samples_per_day=20000", "data.rows_per_file=2000"])
+        ensure_data(cfg, Path(root))
+        rows = sum(b.labels.numel() for d in range(3)
+                   for b in ParquetBatchReader(list_day_files(root, d), cfg.features, 4096))
+        Path(result).write_text(f"ok {rows}")
+    except BaseException as e:  # report, do not hang the parent
+        Path(result).write_text(f"{type(e).__name__}: {e}")
+
+
+def test_two_runs_on_one_missing_root_generate_it_once(tmp_path):
+    """A sweep's runs start together on a missing synthetic root: the second waits for the
+    first one's generation (a lock beside the root), then reads the complete data set."""
+    import multiprocessing as mp
+
+    root = tmp_path / "gen"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ensure_data_worker, args=(str(root), str(tmp_path / f"r{k}.txt"))) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    results = [(tmp_path / f"r{k}.txt").read_text() for k in range(2)]
+    assert results == ["ok 60000", "ok 60000"], results
+    assert (root / "_dataset.json").is_file() and not (root / "_dataset.json.tmp").exists()
+
+
 def test_gen_data_rewrites_its_own_directories(tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["gen-data", "--out", str(out), *_sets(*SMALL)]) == 0
