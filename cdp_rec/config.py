@@ -556,6 +556,11 @@ class TrainConfig:
     def validate(self, where: Where) -> None:
         _choice(where, "train.batch_size_scope", self.batch_size_scope, ("global", "per_rank"))
         _positive(where, "train", self, ("batch_size", "eval_batch_size", "epochs", "log_every"))
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) >= 1 << 31:  # rows are indexed by int32 in places (fbgemm offsets)
+                _fail(where, f"train.{name}", f"must be < 2**31, got {getattr(self, name)}")
+        if not self.run_dir:
+            _fail(where, "train.run_dir", "must be a non-empty path (runs go to <run_dir>/<run_name>)")
         _positive(where, "train", self, ("max_steps", "seed", "eval_every"), minimum=0)  # max_steps 0: no limit
         _positive(where, "train", self, ("threads",), minimum=0)  # 0: picked at start-up
         self.early_stop.validate(where)

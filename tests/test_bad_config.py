@@ -54,6 +54,8 @@ def run_train(capsys, *args: str) -> str:
         ("data.seed=-1", "data.seed must be >= 0"),
         ("data.test_days=0", "data.test_days must be > 0"),
         ("data.root=", "data.root must be a non-empty path"),
+        ("train.run_dir=", "train.run_dir must be a non-empty path"),
+        ("train.batch_size=99999999999999999999999", "train.batch_size must be < 2**31"),
         ("features.num_items=0", "features.num_items must be > 0"),
         ("features.scene_features.client=0", "features.scene_features.client must be a positive int, got 0"),
         ("sharding.hbm_gb=.inf", "sharding.hbm_gb must be a finite number"),
