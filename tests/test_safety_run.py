@@ -520,3 +520,23 @@ def test_local_cwd_launch_without_the_venv_on_path(tmp_path):
                        timeout=300)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert json.loads((tmp_path / "runs" / "np" / "metrics.json").read_text())["model"] == "base"
+
+
+def test_rerunning_a_finished_run_keeps_what_it_measured(small_data, tmp_path):
+    """A probe reran a finished run: it resumed at the last step, trained nothing, and
+    metrics.json said 0 samples/s and no loss. Each invocation is listed, and the timing of
+    the one that trained stays on top."""
+    args = ["train", *_sets(*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}", "train.run_name=r",
+                        "model.name=base", "train.epochs=1", "train.progress=false")]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert main(args) == 0
+    again = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert first["train_samples_per_s"] > 0 and first["resumed_from_step"] == 0
+    assert again["resumed_from_step"] == first["train_steps"]
+    assert [i["resumed_from_step"] for i in again["invocations"]] == [0, first["train_steps"]]
+    assert again["invocations"][0]["train_samples_per_s"] == first["train_samples_per_s"]
+    assert again["invocations"][1]["train_seconds"] == 0
+    for key in ("train_seconds", "train_samples_per_s", "final_train_loss"):
+        assert again[key] == first[key], key
+    assert again["auc"] == first["auc"]

@@ -89,6 +89,39 @@ def peak_device_memory() -> int | None:
     return int(torch.cuda.max_memory_allocated(torch.cuda.current_device()))
 
 
+# What one invocation of a run measured (a resumed run is several invocations).
+INVOCATION_KEYS = ("resumed_from_step", "train_steps", "train_seconds", "train_samples_per_s", "valid_seconds",
+                   "final_train_loss")
+
+
+def with_earlier_invocations(record: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``record`` of a resumed invocation, keeping what the run's earlier invocations measured.
+
+    ``previous`` is the run directory's ``metrics.json`` before this invocation (None: none).
+    When this invocation resumed (``resumed_from_step > 0``) the same config's run, the
+    record lists every invocation's :data:`INVOCATION_KEYS` under ``invocations``, oldest
+    first; and when it trained nothing (a finished run rerun), the top-level timing and loss
+    stay those of the last invocation that trained, instead of 0 samples/s and no loss.
+    """
+    if not previous or not record.get("resumed_from_step") or previous.get("config_hash") != record["config_hash"]:
+        return record
+    earlier = previous.get("invocations") or [{k: previous.get(k) for k in INVOCATION_KEYS}]
+    out = {**record, "invocations": [*earlier, {k: record.get(k) for k in INVOCATION_KEYS}]}
+    if not record.get("train_seconds") and previous.get("train_seconds"):
+        out.update({k: previous.get(k) for k in ("train_seconds", "train_samples_per_s", "valid_seconds",
+                                                 "final_train_loss")})
+    return out
+
+
+def read_metrics(out_dir: Path) -> dict[str, Any] | None:
+    """The run directory's ``metrics.json``, or None when absent or unreadable (then not carried over)."""
+    try:
+        data = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_metrics(out_dir: Path, record: dict[str, Any]) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(jsonable(record), indent=2) + "\n")
 

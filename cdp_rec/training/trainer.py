@@ -69,7 +69,13 @@ from cdp_rec.training.progress import LossGuard, Progress, TrainingError
 from cdp_rec.training.regularize import EmbeddingL2
 from cdp_rec.training.run_dirs import RunPaths, move_aside_checkpoints, run_name, run_paths
 from cdp_rec.training.run_lock import RunLock, acquire_checkpoint_lock, acquire_run_lock
-from cdp_rec.training.run_record import RunContext, run_metrics, write_metrics
+from cdp_rec.training.run_record import (
+    RunContext,
+    read_metrics,
+    run_metrics,
+    with_earlier_invocations,
+    write_metrics,
+)
 from cdp_rec.training.schedule import (
     BatchSource,
     CheckpointPolicy,
@@ -413,6 +419,7 @@ def _train(cfg: JobConfig, root: Path, ctx: DistContext | None, threads: ThreadC
     if id_report.active:
         record["id_mapping_days"] = id_days
     if is_main:
+        record = with_earlier_invocations(record, read_metrics(paths.out))
         write_metrics(paths.out, record)
     return TrainResult(paths.out, record)
 
