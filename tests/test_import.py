@@ -592,6 +592,17 @@ def test_stray_timestamps_or_a_cut_off_test_day_are_refused_not_split_on(tmp_pat
     assert spec_of(tmp_path / "bound")["day_stats"][-1]["rows"] > 5
 
 
+def test_duplicate_events_are_counted(tmp_path, capsys):
+    events = taobao_events(n=200)
+    clean = tmp_path / "clean"
+    run(["--format", "taobao", str(write_taobao(tmp_path / "a.csv", events)), "--out", str(clean)])
+    base = spec_of(clean)["duplicate_events"]  # the generator's own repeats (few distinct seconds)
+    doubled = events + events[:30] + events[:5]  # 35 more copies, anywhere in the log
+    run(["--format", "taobao", str(write_taobao(tmp_path / "b.csv", doubled)), "--out", str(tmp_path / "dup")])
+    assert spec_of(tmp_path / "dup")["duplicate_events"] == base + 35
+    assert f"note: {base + 35:,} events repeat an earlier one exactly" in capsys.readouterr().out
+
+
 def test_items_logged_under_several_categories_are_counted(tmp_path, capsys):
     events = taobao_events(n=200)
     events += [(7, 100, 6, "pv", T0 + 4 * DAY + 9), (8, 101, 2, "pv", T0 + 4 * DAY + 9)]  # 100 % 7 == 2, 101 % 7 == 3

@@ -173,6 +173,10 @@ def summary(result: Any, config: str | None) -> str:
     if h.get("mean") is not None:
         lines.append(f"history length: mean {h['mean']:.1f}, p50 {h['p50']}, p90 {h['p90']}, p99 {h['p99']} of "
                      f"max_seq_len {h['max_seq_len']}; empty {h['empty_fraction']:.1%}, full {h['full_fraction']:.1%}")
+    if s.get("duplicate_events"):
+        lines.append(f"note: {s['duplicate_events']:,} events repeat an earlier one exactly (user, item, category, "
+                     f"time, rules, context); each is kept as its own event - deduplicate the log if they are "
+                     f"logging artefacts")
     if s.get("items_with_several_categories"):
         lines.append(f"note: {s['items_with_several_categories']:,} items are logged under more than one category; "
                      f"rows and histories keep each event's own, a sampled negative its item's first")

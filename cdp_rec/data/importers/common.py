@@ -646,6 +646,23 @@ def _record_dtype(ctx: list[str], scene: list[str]) -> np.dtype:
     return np.dtype(fields)
 
 
+def _count_duplicates(rec: np.ndarray) -> int:
+    """Events of ``rec`` (sorted by user, ts) equal to an earlier one in every field but the
+    log position: only rows sharing (user, ts) with a neighbour are compared."""
+    if len(rec) < 2:
+        return 0
+    same = (rec["user"][1:] == rec["user"][:-1]) & (rec["ts"][1:] == rec["ts"][:-1])
+    if not same.any():
+        return 0
+    sub = rec[np.flatnonzero(np.r_[same, False] | np.r_[False, same])]
+    names = [f for f in rec.dtype.names if f != "seq"]
+    sub = sub[np.lexsort([sub[f] for f in reversed(names)])]
+    dup = np.ones(len(sub) - 1, bool)
+    for f in names:
+        dup &= sub[f][1:] == sub[f][:-1]
+    return int(dup.sum())
+
+
 def _append(path: Path, rec: np.ndarray) -> None:
     with open(path, "ab") as f:
         rec.tofile(f)
@@ -995,6 +1012,7 @@ class _Importer:
         o = self.opts
         if len(rec):
             rec = rec[np.lexsort((rec["seq"], rec["ts"], rec["user"]))]
+        self.stats.duplicates += _count_duplicates(rec)
         user, ts, flags = rec["user"], rec["ts"], rec["flags"]
         n = len(rec)
         cal = np.searchsorted(self.starts, ts, side="right") - 1
@@ -1232,6 +1250,8 @@ class _Importer:
             # Rows and histories keep each event's own category; a sampled negative takes its item's
             # first event's (rules.negatives.item_category).
             "items_with_several_categories": self.item_stats.several_categories(),
+            # Events equal to an earlier one but for their log position (each still its own row).
+            "duplicate_events": st.duplicates,
             "time_range": {"min_ts": self.min_ts, "max_ts": self.max_ts, "tz": o.tz,
                            "first_date": self.first_date.isoformat(),
                            "last_date": (self.first_date + dt.timedelta(days=self.n_cal - 1)).isoformat(),
@@ -1396,6 +1416,7 @@ class _Stats:
         self.fallback = 0
         self.dropped = 0
         self.behaviours = 0
+        self.duplicates = 0
         self.L = L
 
     def add(self, d: int, labels: np.ndarray, lengths: np.ndarray) -> None:
