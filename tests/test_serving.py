@@ -436,3 +436,139 @@ def test_request_deduplicated_batches_score_the_same(runs, packages, model):
         shared_rows += int((dedup.history_row != torch.arange(len(batch))).sum())
         assert torch.equal(pkg.predict(dedup), pkg.predict(batch))
     assert shared_rows > 1000  # most rows took their request's history
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+def test_predict_never_writes_over_or_into_the_data_it_scores(runs, packages, tmp_path, capsys):
+    root = Path(shutil.copytree(runs["data"], tmp_path / "data"))  # a copy: a failure must not eat the fixture
+    pkg = str(packages["base", "int8"])
+    first = dataset_files(root, [TEST_DAY])[0]
+    before = first.read_bytes()
+
+    def run(data: Path, out: Path, *extra: str) -> str:
+        return _one_error_line(capsys, ["predict", "--model", pkg, "--data", str(data), *extra, "--out", str(out),
+                                        "--force"])
+
+    line = run(root, first, "--day", "2")  # the probe: --force over a file it is reading
+    assert f"{first}: is inside the data root being scored" in line
+    line = run(first, first)  # --data the file itself
+    assert f"{first}: is the input file being scored" in line
+    line = run(root, root / "preds.parquet")  # a new file inside the root: read back as data next time
+    assert "is inside the data root being scored" in line
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    assert "is inside the data root being scored" in run(root, link / first.parent.name / first.name, "--day", "2")
+    assert "is inside the data root being scored" in run(link, first, "--day", "2")
+    assert first.read_bytes() == before
+    assert not (root / "preds.parquet").exists()
+    assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name]
+    # Outside the data is fine.
+    assert main(["predict", "--model", pkg, "--data", str(first), "--out", str(tmp_path / "one.parquet")]) == 0
+    assert main(["predict", "--model", pkg, "--data", str(root), "--day", "2", "--out",
+                 str(tmp_path / "p.parquet")]) == 0
+
+
+def _write_npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_non_finite_weights_or_scores_are_refused(runs, packages, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.parquet"
+
+    def predict(pkg: Path) -> str:
+        return _one_error_line(capsys, ["predict", "--model", str(pkg), "--data", str(runs["data"]), "--day", "2",
+                                        "--out", str(out)])
+
+    # fp32 table bytes replaced by NaN, digests re-computed (the probe's package).
+    pkg = Path(shutil.copytree(packages["cdp", "fp32"], tmp_path / "nan-fp32"))
+    weight = np.load(pkg / "tables" / "item.weight.npy")
+    _retamper(pkg, "tables/item.weight.npy", _write_npy(np.full(weight.shape[0] * weight.shape[1] // 4, np.nan,
+                                                                np.float32).view(np.uint8).reshape(weight.shape)))
+    line = predict(pkg)
+    assert f"{pkg / 'tables' / 'item.weight.npy'}: the table's weight holds NaN / inf in 5000 row(s)" in line
+    # int8: the codes are integers; the fp16 scale / bias of a row can be NaN.
+    pkg = Path(shutil.copytree(packages["cdp", "int8"], tmp_path / "nan-int8"))
+    ss = np.load(pkg / "tables" / "user.scale_shift.npy").copy()
+    ss[5] = np.full(2, np.inf, np.float16).view(np.uint8)
+    _retamper(pkg, "tables/user.scale_shift.npy", _write_npy(ss))
+    assert "user.scale_shift.npy: the table's scale / bias holds NaN / inf in 1 row(s), first row 5" in predict(pkg)
+    # The dense graph's weights.
+    pkg = Path(shutil.copytree(packages["base", "fp32"], tmp_path / "nan-dense"))
+    weights = torch.load(pkg / "dense" / "weights.pt", weights_only=True)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.nn.Parameter(torch.full_like(weights[name], float("nan")), requires_grad=False)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    _retamper(pkg, "dense/weights.pt", buf.getvalue())
+    assert f"weights.pt: {name!r} holds NaN / inf" in predict(pkg)
+    assert not out.exists()
+    # Whatever else makes a logit NaN: refused at scoring, naming the package; nothing is written.
+    from cdp_rec.serving.predict import predict_to_parquet
+
+    model = load_package(packages["base", "int8"])
+    real = model._dense
+    monkeypatch.setattr(model, "_dense", lambda *a: torch.where(torch.arange(len(a[0])) == 3, float("nan"), real(*a)))
+    with pytest.raises(PackageError, match=rf"{packages['base', 'int8']}: the package scored 1 of 1000 row\(s\) "
+                                           r"NaN / inf \(first: row 3\)"):
+        predict_to_parquet(model, runs["data"] / f"day={TEST_DAY:02d}", out, batch_size=1000)
+    assert not out.exists() and not list(tmp_path.glob(".o.parquet.tmp-*"))
+
+
+def _edit_manifest(src: Path, dst: Path, edit) -> Path:
+    """A copy of package ``src`` whose manifest.json went through ``edit(dict)`` (the manifest is not
+    among its own digests, so the copy passes every file check)."""
+    pkg = Path(shutil.copytree(src, dst))
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    edit(manifest)
+    (pkg / MANIFEST).write_text(json.dumps(manifest))
+    return pkg
+
+
+def test_manifest_fields_are_cross_checked(runs, packages, tmp_path, capsys):
+    def predict(pkg: Path) -> str:
+        line = _one_error_line(capsys, ["predict", "--model", str(pkg), "--data", str(runs["data"]), "--day", "2",
+                                        "--out", str(tmp_path / "o.parquet")])
+        assert not (tmp_path / "o.parquet").exists()
+        return line
+
+    cdp, sim = packages["cdp", "int8"], packages["sim", "int8"]
+    # prep.kind "none" on a CDP package: was a KeyError 'hist_item_ids' while scoring.
+    pkg = _edit_manifest(cdp, tmp_path / "prep", lambda m: m["prep"].update(kind="none"))
+    assert f"{pkg / MANIFEST}: prep.kind 'none' does not fit model 'cdp', whose export writes 'category_filter'" \
+        in predict(pkg)
+    pkg = _edit_manifest(cdp, tmp_path / "din", lambda m: m.update(model="din"))
+    assert f"{pkg / MANIFEST}: model 'din' has no serving export" in predict(pkg)
+    pkg = _edit_manifest(cdp, tmp_path / "ablation", lambda m: m.update(model="cdp_no_moe"))
+    assert f"{pkg / MANIFEST}: model 'cdp_no_moe', but {pkg / 'config.json'} has model.name 'cdp'" in predict(pkg)
+    pkg = _edit_manifest(sim, tmp_path / "family", lambda m: m.update(family="pooled"))
+    assert "family 'pooled' does not fit model 'sim'" in predict(pkg)
+    pkg = _edit_manifest(sim, tmp_path / "topk", lambda m: m["prep"].update(top_k=7))
+    assert "prep.top_k 7 and lookups.ec.seq_len 50 must be the same" in predict(pkg)
+    # A table's mapping against spec.json's features.id_mapping ({}: every table dense).
+    pkg = _edit_manifest(cdp, tmp_path / "hash", lambda m: m["tables"]["item"].update(mapping="hash"))
+    line = predict(pkg)
+    assert f"{pkg / MANIFEST}: table 'item' has mapping 'hash', but {pkg / 'spec.json'} features.id_mapping " \
+           "makes it 'dense'" in line
+    pkg = _edit_manifest(cdp, tmp_path / "features", lambda m: m["tables"]["user"].update(features=["query_id"]))
+    assert "table 'user' lists feature 'query_id', whose ids" in predict(pkg)
+    # The dense inputs against the lookups, and the program's own signature against the manifest.
+    pkg = _edit_manifest(cdp, tmp_path / "shape", lambda m: m["dense"]["inputs"][0].update(shape=["batch", 999]))
+    assert f"{pkg / MANIFEST}: dense.inputs: input 0 is pooled float32 [\"batch\", 999], the lookups feed pooled " \
+           "float32 [\"batch\", 144]" in predict(pkg)
+    pkg = Path(shutil.copytree(cdp, tmp_path / "swapped-program"))  # SIM's dense graph in a CDP package
+    for name in ("program.json", "weights.pt", "constants.pt"):
+        _retamper(pkg, f"dense/{name}", (sim / "dense" / name).read_bytes())
+    line = predict(pkg)
+    assert f"{pkg / 'dense' / 'program.json'}: input 0 of the program is pooled float32 [\"batch\", 96]; " \
+           f"{pkg / MANIFEST} dense.inputs says pooled float32 [\"batch\", 144]" in line
+    # Every exported package passes all of these.
+    for p in packages.values():
+        load_package(p)

@@ -59,7 +59,7 @@ from cdp_rec.serving.package import (
     package_sha256,
 )
 from cdp_rec.serving.program import AOTI, CONSTANTS, PROGRAM, WEIGHTS, save_program
-from cdp_rec.serving.runtime import DTYPE_BYTES, DTYPES, HIST_MATCH, SEQ_CATEGORIES, SEQ_ITEMS
+from cdp_rec.serving.runtime import DTYPE_BYTES, DTYPES, HIST_MATCH, SEQ_CATEGORIES, SEQ_ITEMS, served_prep
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,9 @@ def _versions() -> dict[str, str]:
 def _write(model: nn.Module, cfg: JobConfig, staging: Path, dtype: str, compile: str,
            source: dict[str, Any]) -> dict[str, Any]:
     family, prep = model_family(model, cfg)
+    if served_prep(cfg.model.name) != prep["kind"]:  # load_package cross-checks the model's name against its prep
+        raise PackageError(f"model.name={cfg.model.name}: the serving runtime does not know this name for a "
+                           f"{type(model).__name__} (prep {prep['kind']!r}); add it to runtime.served_prep")
     (staging / "tables").mkdir()
     mapping = cfg.features.id_mapping
     tables: dict[str, Any] = {}

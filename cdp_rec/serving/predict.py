@@ -11,7 +11,9 @@ data root with ``day=NN`` directories (all days, or those given), or a joined-la
 Output: one row per input row, in input order: ``request_id`` int64, ``item_id`` int64
 (the raw id as logged), ``score`` float32 (the click probability). Written to
 ``<out>.tmp-<pid>`` and renamed at the end, so ``out`` is complete or absent; an existing
-``out`` is replaced only with ``force``.
+``out`` is replaced only with ``force``, and never when it is an input file or lies inside
+the data root being scored (refused, with or without ``force``). A score that is not finite
+(NaN / inf logits: damaged weights) stops the run with a PackageError; none is written.
 """
 
 from __future__ import annotations
@@ -104,6 +106,33 @@ def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Seque
     return ServingReader(input_files(data, days), features, batch_size)
 
 
+def check_out_is_not_input(out: Path, data: Path, files: Sequence[Path] = ()) -> None:
+    """Refuse an ``out`` that is ``data`` itself, lies inside the data root ``data`` being scored
+    (followed through links or not), is one of the input ``files`` or sits in a directory of them
+    (a symlinked ``day=NN``): predictions are never written over, or among, the data they score."""
+    def inside(path: Path, root: Path) -> bool:
+        return path == root or path.is_relative_to(root)
+
+    out_abs, data_abs = Path(os.path.abspath(out)), Path(os.path.abspath(data))
+    out_real, data_real = out.resolve(), data.resolve()
+    if data.is_file():
+        if out_abs == data_abs or out_real == data_real or (out.exists() and os.path.samefile(out, data)):
+            raise DataError(f"{out}: is the input file being scored (--data {data}); write the predictions "
+                            "to another file (--force never replaces an input)")
+        return
+    if inside(out_abs, data_abs) or inside(out_real, data_real):
+        raise DataError(f"{out}: is inside the data root being scored (--data {data}); write the predictions "
+                        "outside it (--force never replaces or adds files there)")
+    for f in map(Path, files):
+        f_real = f.resolve()
+        if out_real == f_real or (out.exists() and f.exists() and os.path.samefile(out, f)):
+            raise DataError(f"{out}: is the input file {f} of --data {data}; write the predictions outside the "
+                            "data being scored (--force never replaces an input)")
+        if out_real.parent == f_real.parent:
+            raise DataError(f"{out}: is in the directory of the input file {f} of --data {data}; write the "
+                            "predictions outside the data being scored")
+
+
 @dataclass
 class PredictStats:
     rows: int
@@ -122,9 +151,11 @@ def predict_to_parquet(model: Any, data: Path, out: Path, batch_size: int = 4096
     out = Path(out)
     if out.is_dir() or out.is_symlink():
         raise DataError(f"{out}: is a directory or a link; --out names the Parquet file to write")
+    check_out_is_not_input(out, Path(data))  # before "exists": --force must never replace the data itself
     if out.exists() and not force:
         raise DataError(f"{out}: exists; use --force to replace it")
     reader = open_input(Path(data), model.features, batch_size, days)
+    check_out_is_not_input(out, Path(data), getattr(reader, "files", ()))
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -17,7 +17,15 @@ raw ids as logged):
    ``EmbeddingCollection`` for SIM's unpooled behaviours) on fbgemm's CPU kernels, tables
    in fp32, fp16 or row-wise int8;
 4. the dense graph (``torch.export`` program, or its AOTInductor build with
-   ``native=True``) on the pooled embeddings -> logits ``[B]``; scores = sigmoid.
+   ``native=True``) on the pooled embeddings -> logits ``[B]``; scores = sigmoid. A NaN /
+   inf logit is a :class:`~cdp_rec.serving.package.PackageError` naming the package, never a score.
+
+Loading cross-checks what the runtime acts on: the manifest's model, family, prep and
+lookups against what ``export`` writes for that model and against ``config.json``'s
+``model.name``; every table's mapping, rows and features against ``spec.json``'s feature
+spec; ``dense.inputs`` against the lookups and against the exported program's own input
+signature; table and dense weights are checked to be finite. A disagreement is a
+PackageError naming both files / fields.
 
 A request-deduplicated batch (``Batch.history_row``, what the loader emits with
 ``data.dedup_requests``: one copy of a request's history) is scored without expanding it:
@@ -33,6 +41,7 @@ those made unimportable.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -48,7 +57,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cdp_rec.config import ConfigError, FeatureConfig, config_from_dict
 from cdp_rec.data.loader import DataError
-from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, RAW_ID_RESERVED, Batch
+from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, RAW_ID_RESERVED, Batch, column_tables
 from cdp_rec.serving.package import (
     SPEC,
     PackageError,
@@ -65,9 +74,31 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 # Bytes per embedding value in the quantized row (int8 rows also carry a 4-byte fp16 scale + bias).
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+FINITE_CHECK_ROWS = 1 << 16  # table rows checked for NaN / inf at a time
 HIST_MATCH = "hist_match_item_ids"  # CDP's filtered history (cdp_rec.models.cdp.HIST_MATCH)
 SEQ_ITEMS, SEQ_CATEGORIES = "seq_item_ids", "seq_category_ids"  # cdp_rec.models.sequence
 PREP_KINDS = ("none", "category_filter", "category_search")
+CONFIG = "config.json"  # the training config: its model.name is cross-checked against the manifest's model
+# The looked-up feature -> the input column its ids come from (the runtime's data-side step makes them).
+_DERIVED_COLUMNS = {HIST_MATCH: HIST_ITEMS, SEQ_ITEMS: HIST_ITEMS, SEQ_CATEGORIES: HIST_CATEGORIES}
+# prep kind -> (family, the history features the lookups must hold: EBC / EC).
+_PREP_SHAPES: dict[str, tuple[str, set[str], set[str]]] = {
+    "none": ("pooled", {HIST_ITEMS}, set()),
+    "category_filter": ("pooled", {HIST_MATCH}, set()),
+    "category_search": ("sequence", set(), {SEQ_ITEMS, SEQ_CATEGORIES}),
+}
+
+
+def served_prep(model: str) -> str | None:
+    """The prep kind ``export --serving`` writes for ``model`` (:func:`cdp_rec.serving.export.model_family`),
+    or None for a model it does not export."""
+    if model == "base":
+        return "none"
+    if model == "cdp" or model.startswith("cdp_no_"):
+        return "category_filter"
+    if model == "sim":
+        return "category_search"
+    return None
 
 
 # ----------------------------------------------------------------------------- ids -> rows
@@ -218,14 +249,25 @@ class ServingModel:
                 lo, hi = self._bag_columns
                 pooled[:, lo:hi] = pooled[share, lo:hi]
                 counts = counts[share]
-            return self._dense(pooled, counts)
+            return self._finite(self._dense(pooled, counts))
         jts = self._ec(_kjt(self._ec_features, rows))
         k = self._seq_len
         seq_items = jts[SEQ_ITEMS].to_padded_dense(desired_length=k)  # [B, K, D]
         seq_cats = jts[SEQ_CATEGORIES].to_padded_dense(desired_length=k)
         if share is not None:
             seq_items, seq_cats, counts = seq_items[share], seq_cats[share], counts[share]
-        return self._dense(pooled, jts["item_id"].values(), jts["category_id"].values(), seq_items, seq_cats, counts)
+        return self._finite(self._dense(pooled, jts["item_id"].values(), jts["category_id"].values(), seq_items,
+                                        seq_cats, counts))
+
+    def _finite(self, logits: Any) -> torch.Tensor:
+        """The dense graph's logits, refused if any is NaN / inf: the inputs are validated ids, so a
+        non-finite score can only come from the package's weights - never hand it out as a score."""
+        bad = ~torch.isfinite(logits)
+        if bool(bad.any()):
+            raise PackageError(f"{self.root}: the package scored {int(bad.sum())} of {logits.numel()} row(s) "
+                               f"NaN / inf (first: row {int(bad.nonzero()[0, 0])}); its weights are not finite - "
+                               "damaged or tampered (re-export it); no score is written")
+        return logits
 
     def _rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
         return self._tables[self._feature_table[feature]].map(feature, ids)
@@ -310,11 +352,165 @@ def _load(root: Path, manifest: dict[str, Any], native: bool) -> ServingModel:
         raise PackageError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if manifest["prep"].get("kind") not in PREP_KINDS:
         raise PackageError(f"{where}: prep {manifest['prep'].get('kind')!r} is not one of {list(PREP_KINDS)}")
+    _check_model(root, manifest)
     tables = {name: _table_rows(root, manifest, name, t) for name, t in manifest["tables"].items()}
+    _check_tables_against_spec(root, manifest, features)
     ebc = _quant_module(root, manifest, "ebc", dtype)
     ec = _quant_module(root, manifest, "ec", dtype) if "ec" in manifest["lookups"] else None
+    inputs = _dense_inputs(root, manifest)
     dense, fmt = _dense(root, manifest, native)
+    if fmt == "exported":
+        _check_program_inputs(root, manifest, dense, inputs)
     return ServingModel(root, manifest, features, tables, ebc, ec, dense, fmt)
+
+
+# ----------------------------------------------------------------------------- cross-checks
+# The runtime acts on the manifest's model, prep, tables and lookups; each is checked against
+# what export writes for that model, against spec.json (the feature spec the inputs are
+# validated by) and against the dense program's own input signature, so an edited field is a
+# PackageError naming both sides instead of a KeyError later or scores of another model.
+
+
+def _check_model(root: Path, manifest: dict[str, Any]) -> None:
+    """model, family, prep and the lookups' history features agree with each other and with config.json."""
+    where = root / "manifest.json"
+    model, family, prep = manifest["model"], manifest["family"], manifest["prep"]
+    kind = prep.get("kind")
+    want = served_prep(model)
+    if want is None:
+        raise PackageError(f"{where}: model {model!r} has no serving export (served: base, cdp, cdp_no_*, sim)")
+    if kind != want:
+        raise PackageError(f"{where}: prep.kind {kind!r} does not fit model {model!r}, whose export writes "
+                           f"{want!r}")
+    want_family, ebc_hist, ec_hist = _PREP_SHAPES[kind]
+    if family != want_family:
+        raise PackageError(f"{where}: family {family!r} does not fit model {model!r} (prep.kind {kind!r}), "
+                           f"which is {want_family!r}")
+    lookups = manifest["lookups"]
+    if not isinstance(lookups.get("ebc"), dict) or ("ec" in lookups) != (family == "sequence") \
+            or ("ec" in lookups and not isinstance(lookups["ec"], dict)):
+        raise PackageError(f"{where}: lookups {sorted(lookups)} do not fit family {family!r} "
+                           f"({'ebc and ec' if family == 'sequence' else 'ebc only'})")
+    history = {HIST_ITEMS, HIST_MATCH, SEQ_ITEMS, SEQ_CATEGORIES}
+    for which, need in (("ebc", ebc_hist), ("ec", ec_hist)):
+        feats = lookups.get(which, {}).get("features", [])
+        got = set(feats) & history if isinstance(feats, list) else None
+        if which in lookups and got != need:
+            raise PackageError(f"{where}: lookups.{which}.features hold the history features {sorted(got or [])}; "
+                               f"prep.kind {kind!r} (model {model!r}) makes {sorted(need)}")
+    if family == "sequence":
+        ec = lookups["ec"]
+        if not {"item_id", "category_id"} <= set(ec.get("features", [])):
+            raise PackageError(f"{where}: lookups.ec.features {ec.get('features')} lack the target's "
+                               "item_id / category_id")
+        top_k, seq_len = prep.get("top_k"), ec.get("seq_len")
+        if not (type(top_k) is int and top_k >= 1 and top_k == seq_len):
+            raise PackageError(f"{where}: prep.top_k {top_k!r} and lookups.ec.seq_len {seq_len!r} must be the same "
+                               "integer >= 1 (the behaviours the search keeps)")
+    if CONFIG in manifest["files"]:  # export always writes it (digested like every file)
+        cfg = read_json(root, manifest, CONFIG, "the training config")
+        name = cfg.get("model", {}).get("name") if isinstance(cfg.get("model"), dict) else None
+        if name != model:
+            raise PackageError(f"{where}: model {model!r}, but {root / CONFIG} has model.name {name!r} "
+                               "(the manifest and the training config disagree)")
+
+
+def _table_sizes(features: FeatureConfig) -> dict[str, int]:
+    """Table name -> its rows by the feature spec (``features.id_mapping``'s names)."""
+    sizes = {"user": features.num_users, "query": features.num_queries, "item": features.num_items,
+             "category": features.num_categories}
+    sizes.update({f"ctx_{c}": n for c, n in features.context_features.items()})
+    sizes.update({f"scene_{c}": n for c, n in features.scene_features.items()})
+    return sizes
+
+
+def _check_tables_against_spec(root: Path, manifest: dict[str, Any], features: FeatureConfig) -> None:
+    """Each table's mapping, rows and features are those of spec.json's feature spec."""
+    where, spec = root / "manifest.json", root / SPEC
+    sizes = _table_sizes(features)
+    columns = column_tables(features)
+    for name, t in manifest["tables"].items():
+        if name not in sizes:
+            raise PackageError(f"{where}: table {name!r} is not a table of the feature spec in {spec} "
+                               f"(its tables: {sorted(sizes)})")
+        mapping = features.id_mapping.get(name, "dense")
+        if t["mapping"] != mapping:
+            raise PackageError(f"{where}: table {name!r} has mapping {t['mapping']!r}, but {spec} "
+                               f"features.id_mapping makes it {mapping!r} (the manifest and the feature spec "
+                               "disagree)")
+        if t["rows"] != sizes[name]:
+            raise PackageError(f"{where}: table {name!r} has {t['rows']} rows, but {spec}'s features give it "
+                               f"{sizes[name]} (the manifest and the feature spec disagree)")
+        feats = t.get("features")
+        if not isinstance(feats, list) or not feats:
+            raise PackageError(f"{where}: table {name!r} needs a list of features")
+        for f in feats:
+            column = _DERIVED_COLUMNS.get(f, f)
+            if columns.get(column) != name:
+                raise PackageError(f"{where}: table {name!r} lists feature {f!r}, whose ids {spec}'s features "
+                                   f"look up in table {columns.get(column)!r}")
+
+
+def _dense_inputs(root: Path, manifest: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
+    """The dense graph's inputs as the lookups feed them ``(name, dtype, shape)``, checked against
+    ``dense.inputs`` of the manifest."""
+    where = root / "manifest.json"
+    tables, lookups = manifest["tables"], manifest["lookups"]
+    dim = {f: tables[t]["dim"] for t, spec in tables.items() for f in spec["features"]}
+    pooled = ("pooled", "float32", ["batch", sum(dim[f] for f in lookups["ebc"]["features"])])
+    counts = ("counts", "int64", ["batch"])
+    if manifest["family"] == "sequence":
+        k = lookups["ec"]["seq_len"]
+        want = [pooled, ("target_item", "float32", ["batch", dim["item_id"]]),
+                ("target_category", "float32", ["batch", dim["category_id"]]),
+                ("seq_items", "float32", ["batch", k, dim[SEQ_ITEMS]]),
+                ("seq_categories", "float32", ["batch", k, dim[SEQ_CATEGORIES]]), counts]
+    else:
+        want = [pooled, counts]
+    got = manifest["dense"].get("inputs")
+    got_list = [(i.get("name"), i.get("dtype"), i.get("shape")) if isinstance(i, dict) else i
+                for i in got] if isinstance(got, list) else got
+    if got_list != [tuple(w) for w in want]:
+        bad = next((i for i, (g, w) in enumerate(zip(got_list, want)) if g != w), None) \
+            if isinstance(got_list, list) else None
+        detail = (f"input {bad} is {_fmt_input(got_list[bad])}, the lookups feed {_fmt_input(want[bad])}"
+                  if bad is not None else f"{_plain(got)}, the lookups feed {[_fmt_input(w) for w in want]}")
+        raise PackageError(f"{where}: dense.inputs: {detail} (tables / lookups and dense.inputs disagree)")
+    return want
+
+
+def _fmt_input(item: Any) -> str:
+    if isinstance(item, tuple) and len(item) == 3:
+        return f"{item[0]} {item[1]} {_plain(item[2])}"
+    return _plain(item)
+
+
+def _plain(obj: Any) -> str:
+    return json.dumps(obj)[:200]
+
+
+def _check_program_inputs(root: Path, manifest: dict[str, Any], module: Any,
+                          want: list[tuple[str, str, list[Any]]]) -> None:
+    """The exported program's own input signature (its placeholders' shapes) is ``dense.inputs``."""
+    program = root / manifest["dense"]["program"]["program"]
+    got = []
+    for node in module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None)
+        if shape is None:
+            got.append((node.name, None, None))
+            continue
+        dims = ["batch" if i == 0 and not isinstance(d, int) else d if isinstance(d, int) else str(d)
+                for i, d in enumerate(shape)]
+        got.append((node.name, str(val.dtype).replace("torch.", ""), dims))
+    if got != [tuple(w) for w in want]:
+        bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        have = _fmt_input(got[bad]) if bad < len(got) else "absent"
+        told = _fmt_input(want[bad]) if bad < len(want) else "absent"
+        raise PackageError(f"{program}: input {bad} of the program is {have}; {root / 'manifest.json'} dense.inputs "
+                           f"says {told} (the program and the manifest disagree)")
 
 
 def _table_rows(root: Path, manifest: dict[str, Any], name: str, t: Any) -> TableRows:
@@ -357,6 +553,9 @@ def _quant_module(root: Path, manifest: dict[str, Any], which: str, dtype: str) 
                                    np.uint8, 2)
             if scale_shift.shape != (rows, 4):
                 raise PackageError(f"{root / t['scale_shift']}: shape {scale_shift.shape}, expected {(rows, 4)}")
+            _check_finite(root / t["scale_shift"], scale_shift, np.float16, "scale / bias")
+        else:
+            _check_finite(root / t["weight"], weight, np.float16 if dtype == "fp16" else np.float32, "weight")
         with warnings.catch_warnings():  # read-only memory maps: fbgemm copies them into its own buffer
             warnings.simplefilter("ignore", UserWarning)
             weights[name] = (torch.from_numpy(weight), None if scale_shift is None else torch.from_numpy(scale_shift))
@@ -377,6 +576,28 @@ def _quant_module(root: Path, manifest: dict[str, Any], which: str, dtype: str) 
     return module
 
 
+def _check_finite(path: Path, raw: np.ndarray, dtype: type, what: str) -> None:
+    """PackageError naming ``path`` if the float values in the uint8 rows ``raw`` hold a NaN / inf
+    (int8 codes are always finite; their fp16 scale / bias are checked). Row chunks: bounded scratch."""
+    for start in range(0, raw.shape[0], FINITE_CHECK_ROWS):
+        values = np.ascontiguousarray(raw[start:start + FINITE_CHECK_ROWS]).view(dtype)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad) + start
+            more = sum(int((~np.isfinite(np.ascontiguousarray(raw[s:s + FINITE_CHECK_ROWS]).view(dtype)))
+                           .any(axis=1).sum()) for s in range(start + FINITE_CHECK_ROWS, raw.shape[0],
+                                                              FINITE_CHECK_ROWS))
+            raise PackageError(f"{path}: the table's {what} holds NaN / inf in {len(rows) + more} row(s), first "
+                               f"row {int(rows[0])}; a package never does (damaged or tampered: re-export it)")
+
+
+def _check_finite_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PackageError(f"{path}: {name!r} holds NaN / inf; a package never does (damaged or tampered: "
+                               "re-export it)")
+
+
 def _dense(root: Path, manifest: dict[str, Any], native: bool) -> tuple[Callable[..., Any], str]:
     dense = manifest["dense"]
     files = dense.get("program")
@@ -390,4 +611,6 @@ def _dense(root: Path, manifest: dict[str, Any], native: bool) -> tuple[Callable
         return load_aoti(listed(root, manifest, dense["aoti"], "the AOTInductor build")), "aoti"
     paths = {k: listed(root, manifest, files.get(k), f"the dense program's {k}").relative_to(root).as_posix()
              for k in ("program", "weights", "constants")}
-    return load_program(root, paths), "exported"
+    module = load_program(root, paths)
+    _check_finite_tensors(root / paths["weights"], dict(module.state_dict()))
+    return module, "exported"
