@@ -382,6 +382,18 @@ def test_raw_ids_import_writes_a_config_that_trains(tmp_path, capsys):
     assert f"({metrics['num_requests_used']:,} requests)" in printed, printed
 
 
+def test_decimal_timestamps_read_like_integers(tmp_path):
+    """Exports often write '1614592800.0': floored to the second like a float column."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("u,i,t,v\n1,2,1614592800,1\n1,3,1614679200,0\n2,3,1614765600,1\n2,2,1614765601,0\n")
+    dec = tmp_path / "dec.csv"
+    dec.write_text("u,i,t,v\n1,2,1614592800.0,1\n1,3,1614679200.25,0\n2,3,1614765600.,1\n2,2,1614765601.9,0\n")
+    for src in (plain, dec):
+        run(["--format", "events", str(src), "--out", str(tmp_path / src.stem), "--columns",
+             "user=u,item=i,timestamp=t,value=v", "--train-days", "1"])
+    assert read_rows(tmp_path / "dec") == read_rows(tmp_path / "plain")
+
+
 def test_header_with_a_byte_order_mark_or_spaces_reads_like_a_plain_one(tmp_path):
     """Excel writes a UTF-8 BOM before the header; hand-made files put spaces after commas."""
     plain = tmp_path / "plain.csv"

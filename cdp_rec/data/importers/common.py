@@ -336,6 +336,9 @@ def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int
     else:
         if unit not in _TS_UNITS:
             raise DataError(f"--ts-unit {unit!r}: expected one of {[*_TS_UNITS, 'iso']}")
+        if not pa.types.is_floating(arr.type) and not pa.types.is_integer(arr.type) \
+                and bool(pc.all(pc.match_substring_regex(arr, r"^\s*\+?\d+\.\d*\s*$")).as_py()):
+            arr = pc.cast(arr, pa.float64())  # decimal strings ("1494623632.0", spreadsheet exports)
         if pa.types.is_floating(arr.type):
             values = arr.to_numpy(zero_copy_only=False)
             bad = ~np.isfinite(values)
