@@ -382,6 +382,21 @@ def test_raw_ids_import_writes_a_config_that_trains(tmp_path, capsys):
     assert f"({metrics['num_requests_used']:,} requests)" in printed, printed
 
 
+def test_missing_category_fills_empty_cells_only_when_asked(tmp_path):
+    src = tmp_path / "log.csv"
+    src.write_text("u,i,c,t,v\n1,2,7,1614592800,1\n1,3,,1614679200,0\n2,3,7,1614765600,1\n2,2,8,1614765601,0\n")
+    args = ["--format", "events", str(src), "--columns", "user=u,item=i,category=c,timestamp=t,value=v",
+            "--train-days", "1"]
+    with pytest.raises(DataError, match=r"line 3: column 'c': empty value"):
+        run([*args, "--out", str(tmp_path / "a")])
+    run([*args, "--out", str(tmp_path / "b"), "--missing-category", "0"])
+    cats = id_map(tmp_path / "b", "category_id")
+    assert sorted(cats.tolist()) == [0, 7, 8]
+    assert spec_of(tmp_path / "b")["source"]["missing_category"] == "0"
+    with pytest.raises(DataError, match="--missing-category 'x'"):
+        run([*args, "--out", str(tmp_path / "c"), "--missing-category", "x"])
+
+
 def test_decimal_timestamps_read_like_integers(tmp_path):
     """Exports often write '1614592800.0': floored to the second like a float column."""
     plain = tmp_path / "plain.csv"

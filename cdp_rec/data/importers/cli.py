@@ -76,6 +76,8 @@ def add_import_parser(sub: Any) -> argparse.ArgumentParser:
     f.add_argument("--scene", default=None, metavar="FEATURE=COL,...", help="events: scene feature columns")
     f.add_argument("--string-ids", default=None, metavar="ROLE,...", help="events: roles whose CSV ids are strings")
     f.add_argument("--event-types", default=None, metavar="T,...", help="events: the known event types")
+    f.add_argument("--missing-category", default=None, metavar="ID",
+                   help="events: the category of an event whose category cell is empty (default: an error)")
     f.add_argument("--ts-unit", default=None, choices=["s", "ms", "us", "ns", "iso"], help="events: timestamp unit")
     f.add_argument("--delimiter", default=None, help="events: CSV delimiter (default ',')")
     f.add_argument("--names", default=None, metavar="COL,...", help="events: CSV column names (file has no header)")
@@ -114,6 +116,8 @@ def build_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         m["event_types"] = [s.strip() for s in args.event_types.split(",") if s.strip()]
     if args.ts_unit:
         m["ts_unit"] = args.ts_unit
+    if args.missing_category is not None:
+        m["missing_category"] = args.missing_category
     if args.delimiter:
         m["delimiter"] = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
     if args.names:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -113,6 +114,9 @@ def source(
         raise DataError(f"string_ids: {bad} are not id roles or context/scene features")
     event_types = tuple(m["event_types"]) if m.get("event_types") else None
     ts_unit = str(m.get("ts_unit", "s"))
+    missing_category = m.get("missing_category")
+    if missing_category is not None and "category" not in cols:
+        raise DataError("--missing-category: the log has no category column (--columns category=NAME)")
     delimiter = str(m.get("delimiter", ","))
     header = bool(m.get("header", True))
     names = list(m.get("names") or [])
@@ -156,6 +160,14 @@ def source(
             return parse_id(cols_in[column], column, locate, role in roles, role, strings)
 
         n = len(cols_in[cols["user"]])
+        if missing_category is not None and cols_in[cols["category"]].null_count:
+            arr = cols_in[cols["category"]]
+            try:
+                fill = pa.scalar(str(missing_category)).cast(arr.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(f"--missing-category {missing_category!r}: not a value of column "
+                                f"'{cols['category']}' ({arr.type})") from None
+            cols_in = {**cols_in, cols["category"]: pc.fill_null(arr, fill)}
         etype = None
         if "event" in cols:
             etype = cols_in[cols["event"]]
@@ -199,12 +211,20 @@ def source(
                     yield convert({c: rb.column(c) for c in needed},
                                   line_locator(path, line0, delimiter))
 
+    if missing_category is not None and "category" not in roles:
+        try:
+            int(str(missing_category))
+        except ValueError:
+            raise DataError(f"--missing-category {missing_category!r}: the category ids are integers (string "
+                            "categories: --string-ids category)") from None
     value_names = ("value", cols["value"]) if "value" in cols else ()
     return Source(
         format="events", files=files, batches=batches, has_event="event" in cols, has_value="value" in cols,
         value_names=value_names, has_category="category" in cols, has_query="query" in cols,
         has_request="request" in cols, context_columns=context, scene_columns=scene, event_types=event_types,
-        string_roles=tuple(sorted(roles)), notes={"columns": cols, "ts_unit": ts_unit},
+        string_roles=tuple(sorted(roles)), notes={"columns": cols, "ts_unit": ts_unit,
+                                                    **({"missing_category": str(missing_category)}
+                                                       if missing_category is not None else {})},
     )
 
 
