@@ -80,6 +80,23 @@ INT8_ROW_OVERHEAD_BYTES = 8
 
 class CapacityError(ValueError):
     """The plan does not fit, or a what-if names an unknown table / unsupported value."""
+
+
+# Bounds on what `cdp-rec plan` is asked, so an absurd what-if gets a one-line refusal
+# naming the flag instead of an int64 overflow in torch or a planner that runs for hours.
+# TorchRec's planner time grows with world size x proposals (industrial: 12 s at 1024
+# devices; the tiny CPU config's 6,561 proposals: ~100 s at 1024 on 2 cores).
+MAX_WORLD_SIZE = 4096
+# Column-wise sharding cuts a table into dim / 128 shards, each a planner option: a dim of
+# 4e9 enumerates 31 M of them. 65,536 (512 shards) is far beyond production dims (64-512).
+MAX_DIM = 65536
+# Per device, GiB: 1 PiB. With MAX_WORLD_SIZE devices the cluster's bytes stay < 2**63.
+MAX_MEMORY_GB = 2**20
+# Elements (rows x dim) of one table: byte counts of weights + optimizer state (at most
+# 4 + 8 bytes per element, fp32 + Adam) must fit int64, which torch's meta tensors use.
+MAX_TABLE_ELEMENTS = 2**59
+
+
 # --------------------------------------------------------------------------- what-ifs
 
 
@@ -176,6 +193,7 @@ def planning_model(cfg: JobConfig, what_if: WhatIf = WhatIf()) -> nn.Module:
     (EBC, and the sequence models' EC) with one built from edited configs (the dense
     layers stay; the planner's reservation sizes them).
     """
+    _check_table_sizes(cfg, what_if)  # before build_model: torch overflows on meta tensors past int64
     model = build_model(cfg, "meta")
     _validate_what_if(what_if, cfg, sorted(model_tables(model)))
     if not (what_if.scale_rows or what_if.dims or what_if.dtype):
@@ -198,8 +216,42 @@ def planning_model(cfg: JobConfig, what_if: WhatIf = WhatIf()) -> nn.Module:
     return model
 
 
+def _scaled_rows(rows: int, factor: float) -> int:
+    return max(1, round(rows * factor))
+
+
+def _check_table_sizes(cfg: JobConfig, what_if: WhatIf) -> None:
+    """Dims and rows x dim within bounds, from the config's table sizes (as
+    :func:`embeddings.tables.table_specs` makes them) and the what-ifs, naming where each
+    value came from."""
+    f = cfg.features
+    fields = {"query": ("features.num_queries", f.num_queries), "user": ("features.num_users", f.num_users),
+              "item": ("features.num_items", f.num_items), "category": ("features.num_categories", f.num_categories)}
+    fields.update({f"ctx_{c}": (f"features.context_features.{c}", n) for c, n in f.context_features.items()})
+    fields.update({f"scene_{c}": (f"features.scene_features.{c}", n) for c, n in f.scene_features.items()})
+    if cfg.model.embedding_dim > MAX_DIM:
+        raise CapacityError(f"model.embedding_dim {cfg.model.embedding_dim}: at most {MAX_DIM:,} (planning time grows "
+                            f"with dim / 128 column-wise shards)")
+    for t, d in what_if.dims.items():
+        if d > MAX_DIM:
+            raise CapacityError(f"--dim {t}={d}: at most {MAX_DIM:,} (planning time grows with dim / 128 "
+                                f"column-wise shards)")
+    for t, (key, n) in fields.items():
+        factor = what_if.scale_rows.get(t)
+        if factor is not None and not (factor > 0 and math.isfinite(factor)):
+            continue  # _validate_what_if names it
+        rows = n if factor is None else _scaled_rows(n, factor)
+        dim = what_if.dims.get(t, cfg.model.embedding_dim)
+        if rows * dim > MAX_TABLE_ELEMENTS:
+            source = f"{key}={n}" + ("" if factor is None else f" x --scale-table {t}={factor:g}")
+            raise CapacityError(
+                f"table {t}: {rows:.3g} rows x dim {dim} ({source}) exceeds {MAX_TABLE_ELEMENTS:.3g} (2**59) "
+                f"elements, past which its byte counts (weights + optimizer state) overflow int64"
+            )
+
+
 def _edit_table(c: Any, what_if: WhatIf) -> Any:
-    rows = max(1, round(c.num_embeddings * what_if.scale_rows.get(c.name, 1.0)))
+    rows = _scaled_rows(c.num_embeddings, what_if.scale_rows.get(c.name, 1.0))
     return dataclasses.replace(
         c,
         num_embeddings=rows,
@@ -485,8 +537,7 @@ def plan_capacity(
             bytes they need vs the bytes available), or a what-if is invalid.
     """
     _check_topology(world_size, local_world_size)
-    hbm_gb = cfg.sharding.hbm_gb if hbm_gb is None else hbm_gb
-    ddr_gb = cfg.sharding.ddr_gb if ddr_gb is None else ddr_gb
+    hbm_gb, ddr_gb = _memory(cfg, hbm_gb, ddr_gb)
     model = planning_model(cfg, what_if) if model is None else model
     device_type = cfg.sharding.compute_device
     start = time.perf_counter()
@@ -513,6 +564,25 @@ def _check_topology(world_size: int, local_world_size: int, flag: str = "--world
         raise CapacityError(
             f"{flag} {world_size} must be a positive multiple of --local-world-size {local_world_size}"
         )
+    if world_size > MAX_WORLD_SIZE:
+        raise CapacityError(f"{flag} {world_size}: at most {MAX_WORLD_SIZE} devices (TorchRec's planner "
+                            f"time grows with the world size)")
+
+
+def _memory(cfg: JobConfig, hbm_gb: float | None, ddr_gb: float | None) -> tuple[float, float]:
+    """Per-device (HBM, DDR) GiB: the flags, else ``sharding.hbm_gb`` / ``ddr_gb``; finite and
+    within bounds, HBM > 0 and DDR >= 0 as :class:`cdp_rec.config.ShardingConfig` requires
+    (no host memory is a valid what-if on CUDA)."""
+    out = []
+    for flag, key, given, default, minimum in (("--hbm-gb", "sharding.hbm_gb", hbm_gb, cfg.sharding.hbm_gb, "> 0"),
+                                               ("--ddr-gb", "sharding.ddr_gb", ddr_gb, cfg.sharding.ddr_gb, ">= 0")):
+        gb = default if given is None else given
+        ok = math.isfinite(gb) and (gb > 0 if minimum == "> 0" else gb >= 0) and gb <= MAX_MEMORY_GB
+        if not ok:
+            raise CapacityError(f"{flag if given is not None else key} {gb}: must be a finite number of GiB "
+                                f"{minimum} and <= {MAX_MEMORY_GB:,} (1 PiB per device)")
+        out.append(gb)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -545,6 +615,7 @@ def find_min_world_size(
         CapacityError: nothing up to ``max_world_size`` fits (the message is that size's).
     """
     _check_topology(max_world_size, local_world_size, "--max-world-size")
+    hbm_gb, ddr_gb = _memory(cfg, hbm_gb, ddr_gb)  # before the search, which reads refusals as "does not fit"
     model = planning_model(cfg, what_if)
     steps: list[SearchStep] = []
     reports: dict[int, CapacityReport] = {}
@@ -635,7 +706,8 @@ def _diagnose_no_plan(
         for tier in ("hbm", "ddr"):
             per_device = math.ceil(getattr(need, tier) / n)
             if per_device > getattr(available, tier):
-                how = f"split over at most {n} devices ({kind or 'any sharding'})" if n > 1 else f"on one device ({kind})"
+                how = f"split over at most {n} devices" if n > 1 else "on one device"
+                how += f" ({kind or 'any sharding'})"
                 alone.append(
                     f"{c.name} needs {_gib(per_device)} {tier.upper()} {how}, has {_gib(getattr(available, tier))}"
                 )

@@ -34,6 +34,7 @@ Facts this module encodes (checked on torch 2.13 / fbgemm-gpu-cpu 1.8 / torchrec
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,11 @@ def build_sharder(cfg: JobConfig, device_type: str) -> EmbeddingBagCollectionSha
 def build_topology(
     world_size: int, local_world_size: int, compute_device: str, hbm_gb: float, ddr_gb: float
 ) -> Topology:
+    # int(nan * GB) raises and a negative capacity plans nonsense: callers validate with
+    # the flag / field named (embeddings.capacity, ShardingConfig); this is the backstop.
+    for name, gb in (("hbm_gb", hbm_gb), ("ddr_gb", ddr_gb)):
+        if not (math.isfinite(gb) and gb >= 0):
+            raise ValueError(f"{name} must be a finite number of GiB >= 0, got {gb}")
     return Topology(
         world_size=world_size,
         local_world_size=local_world_size,

@@ -297,6 +297,52 @@ def test_cli_rejects_bad_what_ifs(capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hbm-gb", "nan"], "--hbm-gb nan: must be a finite number of GiB > 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--hbm-gb", "inf"], "--hbm-gb inf: must be a finite number of GiB > 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--hbm-gb", "0"], "--hbm-gb 0.0: must be a finite number of GiB > 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--ddr-gb", "-5"],
+         "--ddr-gb -5.0: must be a finite number of GiB >= 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--set", "sharding.ddr_gb=1e9"],
+         "sharding.ddr_gb 1000000000.0: must be a finite number of GiB >= 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--find-min-gpus", "--hbm-gb", "nan"],  # refused before the search, not read as "does not fit"
+         "--hbm-gb nan: must be a finite number of GiB > 0 and <= 1,048,576 (1 PiB per device)"),
+        (["--scale-table", "item=1e30"],
+         "table item: 5e+33 rows x dim 16 (features.num_items=5000 x --scale-table item=1e+30) exceeds 5.76e+17 "
+         "(2**59) elements, past which its byte counts (weights + optimizer state) overflow int64"),
+        (["--set", "features.num_items=1000000000000000000"],
+         "table item: 1e+18 rows x dim 16 (features.num_items=1000000000000000000) exceeds 5.76e+17 (2**59) "
+         "elements, past which its byte counts (weights + optimizer state) overflow int64"),
+        (["--dim", "item=4000000000"],
+         "--dim item=4000000000: at most 65,536 (planning time grows with dim / 128 column-wise shards)"),
+        (["--set", "model.embedding_dim=4000000000"],
+         "model.embedding_dim 4000000000: at most 65,536 (planning time grows with dim / 128 column-wise shards)"),
+        (["--world-size", "100000"],
+         "--world-size 100000: at most 4096 devices (TorchRec's planner time grows with the world size)"),
+        (["--find-min-gpus", "--max-world-size", "8192"],
+         "--max-world-size 8192: at most 4096 devices (TorchRec's planner time grows with the world size)"),
+    ],
+)
+def test_cli_refuses_absurd_sizes_in_one_line(capsys, flags, message):
+    """Hostile sizes: a one-line refusal naming the flag / field and its bound, exit 2 -
+    not a traceback from build_topology or torch's int64 sizes, nor a planner running for hours."""
+    args = ["plan", "--local-world-size", "1", *flags]
+    if "--world-size" not in flags and "--find-min-gpus" not in flags:
+        args += ["--world-size", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"cdp-rec plan: error: {message}"
+
+
+def test_sizes_at_the_bounds_are_answered():
+    """Just inside the bounds the planner answers (here: does not fit, naming the table)."""
+    cfg = load_config(None, [f"features.num_items={cap.MAX_TABLE_ELEMENTS // 16}"])  # rows x dim 16 = 2**59
+    with pytest.raises(cap.CapacityError, match=r"item needs 2281701376\.00 GiB DDR on one device \(any sharding\)"):
+        cap.plan_capacity(cfg, 1, 1, hbm_gb=cap.MAX_MEMORY_GB, ddr_gb=128)
+
+
 # --------------------------------------------------------------------------- smallest world size
 
 
