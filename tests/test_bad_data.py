@@ -99,6 +99,21 @@ def test_empty_day_is_a_warning_when_allowed(root, caplog):
     assert any("day=01 has 0 rows" in r.getMessage() for r in caplog.records)
 
 
+def test_a_day_holding_other_rows_than_its_spec_says_is_refused(capsys, root, tmp_path):
+    """A part file copied in twice (or one left over, or lost) changes a day's rows: the spec's
+    count (generator: samples_per_day; import: day_stats) refuses it instead of training on it."""
+    day_dir = root / "day=01"
+    files = sorted(day_dir.glob("part-*.parquet"))
+    want = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    extra = pq.ParquetFile(files[0]).metadata.num_rows
+    shutil.copy(files[0], day_dir / "part-00099.parquet")
+    line = run_train(capsys, root, tmp_path)
+    assert (f"{day_dir}: its {len(files) + 1} file(s) hold {want + extra:,} rows, {root / '_dataset.json'} says "
+            f"{want:,}: a part file copied in, left over or missing?") in line
+    (day_dir / "part-00099.parquet").unlink()
+    assert list_day_files(root, 1) == files
+
+
 def test_stray_parquet_file_in_a_day(capsys, root, tmp_path):
     day_dir = root / "day=00"
     shutil.copy(day_dir / "part-00000.parquet", day_dir / "extra.parquet")  # valid Parquet, wrong name

@@ -107,7 +107,35 @@ def list_day_files(root: str | Path, day: int, allow_empty: bool = False) -> lis
     if not files:
         raise DataError(f"{day_dir}: no {DAY_FILE_PATTERN} files")
     check_day_has_rows(day_dir, files, allow_empty, "file")
+    check_day_rows_match_spec(Path(root), day, day_dir, files)
     return files
+
+
+def expected_day_rows(spec: dict[str, Any], day: int) -> int | None:
+    """The rows day ``day`` holds by the data set's spec (rows layout), or None when it does not say:
+    the generator writes ``data.samples_per_day`` a day, the importer records each day's rows."""
+    if spec.get("generator") == "cdp_rec.data.synthetic" and isinstance(spec.get("data"), dict) \
+            and spec["data"].get("layout", "rows") == "rows" and isinstance(spec["data"].get("samples_per_day"), int):
+        return spec["data"]["samples_per_day"]
+    stats = spec.get("day_stats")
+    if isinstance(stats, list):
+        for entry in stats:
+            if isinstance(entry, dict) and entry.get("day") == day and isinstance(entry.get("rows"), int):
+                return entry["rows"]
+    return None
+
+
+def check_day_rows_match_spec(root: Path, day: int, day_dir: Path, files: Sequence[Path]) -> None:
+    """The day's files hold the rows ``_dataset.json`` says they do (footers only): a part file
+    copied in twice, left over from an earlier write or missing is refused, not trained on."""
+    spec = read_json_file(root / DATASET_SPEC_FILE, "data set spec")
+    want = None if spec is None else expected_day_rows(spec, day)
+    if want is None:
+        return
+    have = sum(_num_rows(f) for f in files)
+    if have and have != want:  # an empty day is data.allow_empty_days' business (check_day_has_rows)
+        raise DataError(f"{day_dir}: its {len(files)} file(s) hold {have:,} rows, {root / DATASET_SPEC_FILE} says "
+                        f"{want:,}: a part file copied in, left over or missing? (rewrite the day: gen-data / import)")
 
 
 def refuse_stray_entries(day_dir: Path, data_names: set[str], not_data: Callable[[int], str]) -> None:
