@@ -540,3 +540,17 @@ def test_rerunning_a_finished_run_keeps_what_it_measured(small_data, tmp_path):
     for key in ("train_seconds", "train_samples_per_s", "final_train_loss"):
         assert again[key] == first[key], key
     assert again["auc"] == first["auc"]
+
+
+def test_training_on_data_generated_with_other_settings_says_so(small_data, caplog):
+    import logging
+
+    from cdp_rec.training.trainer import ensure_data
+
+    with caplog.at_level(logging.WARNING, logger="cdp_rec.training.trainer"):
+        ensure_data(load_config(None, SMALL), small_data)
+        assert not caplog.records
+        ensure_data(load_config(None, [*SMALL, "data.seed=1", "data.samples_per_day=3000"]), small_data)
+    (record,) = caplog.records
+    assert (f"{small_data} was generated with other settings than this config's: data.seed 1 (data set: 0); "
+            "data.samples_per_day 3000 (data set: 2000)") in record.getMessage()

@@ -124,7 +124,7 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
     directory of real logs.
     """
     if root.exists() and not _generation_marker(root).exists():
-        check_dataset_spec(root, cfg.features)
+        _warn_other_generator_settings(cfg, root, check_dataset_spec(root, cfg.features))
         return
     if not root.exists() and not cfg.data.generate_if_missing:
         raise DataError(
@@ -144,6 +144,24 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
 
         log.info("data root %s missing: generating the synthetic data set (seed %d)", root, cfg.data.seed)
         generate_dataset(cfg, root, force=False)
+
+
+def _warn_other_generator_settings(cfg: JobConfig, root: Path, spec: dict[str, Any] | None) -> None:
+    """A synthetic data set generated with other ``data.*`` settings than the config's (its
+    seed, samples per day, ...): trained on as it is, but the run's config.yaml would record
+    settings the data was not made with - say which, once, at start-up."""
+    if not spec or spec.get("generator") != "cdp_rec.data.synthetic":
+        return
+    from cdp_rec.data.synthetic import dataset_spec
+
+    want = dataset_spec(cfg)
+    diff = [f"data.seed {cfg.data.seed} (data set: {spec.get('seed')})"] if spec.get("seed") != want["seed"] else []
+    have = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    diff += [f"data.{k} {v} (data set: {have.get(k)})" for k, v in want["data"].items()
+             if k not in ("train_days", "test_days") and have.get(k) != v]
+    if diff:
+        log.warning("%s was generated with other settings than this config's: %s; training on the data as it is",
+                    root, "; ".join(diff))
 
 
 def _generation_marker(root: Path) -> Path:
