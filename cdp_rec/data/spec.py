@@ -7,8 +7,11 @@ the schema and imports nothing from either side.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,26 @@ def dataset_features(features: Any) -> dict[str, Any]:
 
 def spec_path(root: str | Path) -> Path:
     return Path(root) / DATASET_SPEC_FILE
+
+
+def generation_marker(root: str | Path) -> Path:
+    """The generator's in-progress spec: present while (or after an interrupted) generation
+    writes ``root``, replaced by the final spec at the end."""
+    return spec_path(root).with_suffix(".json.tmp")
+
+
+@contextlib.contextmanager
+def generation_lock(root: str | Path) -> Iterator[None]:
+    """An exclusive flock on ``.<root name>.gen.lock`` beside ``root``, blocking until free:
+    one training run generating a missing synthetic root at a time (see ensure_data)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.gen.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_dataset_spec(root: str | Path) -> dict[str, Any] | None:

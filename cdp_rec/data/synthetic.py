@@ -130,7 +130,7 @@ import pyarrow as pa
 from cdp_rec.config import JobConfig
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, table_schema
 from cdp_rec.data import raw_ids
-from cdp_rec.data.spec import DATASET_SPEC_FILE, dataset_features
+from cdp_rec.data.spec import DATASET_SPEC_FILE, dataset_features, generation_marker
 from cdp_rec.data.writer import Behaviours, write_parquet, write_rows_day  # noqa: F401 (re-exported)
 
 # Bump when the generative story changes, so stale data sets are detected by _dataset.json.
@@ -840,7 +840,7 @@ def generate_dataset(
     _check_may_write(out, force)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / DATASET_SPEC_FILE
-    tmp_spec = spec_path.with_suffix(".json.tmp")
+    tmp_spec = generation_marker(out)
     spec = dataset_spec(cfg)
     done: set[int] = set()
     # The in-progress marker (this generator's spec listing no days): a crash leaves a

@@ -38,8 +38,6 @@ the run (see :class:`LossGuard`).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -57,7 +55,7 @@ from cdp_rec.config import ConfigError, JobConfig, save_config
 from cdp_rec.data.joined import open_reader
 from cdp_rec.data.loader import DataError, ParquetBatchReader, check_dataset_spec
 from cdp_rec.data.schema import Batch, is_sequence_feature
-from cdp_rec.data.spec import spec_path
+from cdp_rec.data.spec import generation_lock, generation_marker
 from cdp_rec.metrics import CTRMetrics, MetricAccumulator, compute_ctr_metrics
 from cdp_rec.models import build_model
 from cdp_rec.training.checkpoint import Checkpointer, table_shapes
@@ -123,7 +121,7 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
     itself refuses a non-empty directory it did not write), so this never touches a
     directory of real logs.
     """
-    if root.exists() and not _generation_marker(root).exists():
+    if root.exists() and not generation_marker(root).exists():
         _warn_other_generator_settings(cfg, root, check_dataset_spec(root, cfg.features))
         return
     if not root.exists() and not cfg.data.generate_if_missing:
@@ -133,8 +131,8 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
         )
     # Two runs started together on one missing root (a sweep): the second waits for the first
     # one's generation instead of reading a half-written root or writing into it.
-    with _generation_lock(root):
-        if root.exists() and not _generation_marker(root).exists():
+    with generation_lock(root):
+        if root.exists() and not generation_marker(root).exists():
             check_dataset_spec(root, cfg.features)  # generated while this run waited
             return
         if not cfg.data.generate_if_missing:
@@ -162,23 +160,6 @@ def _warn_other_generator_settings(cfg: JobConfig, root: Path, spec: dict[str, A
     if diff:
         log.warning("%s was generated with other settings than this config's: %s; training on the data as it is",
                     root, "; ".join(diff))
-
-
-def _generation_marker(root: Path) -> Path:
-    """The generator's in-progress spec (:func:`cdp_rec.data.synthetic.generate_dataset`)."""
-    return spec_path(root).with_suffix(".json.tmp")
-
-
-@contextlib.contextmanager
-def _generation_lock(root: Path) -> Iterator[None]:
-    """An exclusive flock on ``.<root name>.gen.lock`` beside ``root``; blocks until free."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.gen.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def local_batch_size(cfg: JobConfig, world_size: int, batch_size: int | None = None) -> int:
