@@ -278,7 +278,8 @@ class DataConfig:
     # the ``train_days`` (whole days), or, with valid_days 0, ``valid_fraction`` of the
     # last training day, chosen by ``valid_split``: "tail" = the day's last batches in
     # reading order (the latest impressions of time-ordered logs such as the generator's);
-    # "per_user" = each user's last floor(valid_fraction * n) of its n rows that day (for
+    # "per_user" = each user's last rows that day, valid_fraction of its n in expectation
+    # (floor(valid_fraction * n + u), u a fixed hash of the user in [0, 1); for
     # logs stored user by user, e.g. `cdp-rec import` output, whose tail would be whole
     # users). Each rank splits its own share of the day. Both 0: no validation, the run
     # trains every epoch and tests its last weights.

@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,18 +322,34 @@ def test_cross_field_rules():
 
 
 def test_user_tail_mask_holds_out_each_users_last_rows():
+    from cdp_rec.data.hashing import fmix64
     from cdp_rec.training.schedule import user_tail_mask
 
     class Users:  # a reader of one batch; only user_ids are read
+        def __init__(self, ids):
+            self.ids = torch.tensor(ids)
+
         def num_batches(self):
             return 1
 
         def __iter__(self):
             from types import SimpleNamespace
-            yield SimpleNamespace(user_ids=torch.tensor([1, 2, 1, 1, 2, 3, 1]))
+            yield SimpleNamespace(user_ids=self.ids)
 
-    # user 1: rows 0, 2, 3, 6 -> last 2 held; user 2: rows 1, 4 -> last 1; user 3: one row, floor(0.5) = 0
-    assert user_tail_mask(Users(), 0.5).tolist() == [False, False, False, True, True, False, True]
+    ids = [1, 2, 1, 1, 2, 3, 1]
+    offset = {u: float(fmix64(np.array([u]))[0]) / 2.0**64 for u in (1, 2, 3)}
+    keep = {u: math.floor(0.5 * ids.count(u) + offset[u]) for u in (1, 2, 3)}  # each user's held rows
+    want = [pos >= ids.count(u) - keep[u] for pos, u in
+            ((sum(1 for v in ids[:i] if v == u), u) for i, u in enumerate(ids))]
+    assert user_tail_mask(Users(ids), 0.5).tolist() == want
+
+    # Light users (3 rows each, as on real logs): 10% held out in expectation, not floor(0.3) = 0,
+    # and always a user's last row.
+    many = np.repeat(np.arange(20_000), 3)
+    held = user_tail_mask(Users(many.tolist()), 0.1)
+    assert abs(int(held.sum()) - 6_000) < 400, int(held.sum())  # binomial sd ~65
+    assert not held[0::3].any() and not held[1::3].any()
+    assert np.array_equal(held, user_tail_mask(Users(many.tolist()), 0.1))  # the same users every time
 
 
 # --------------------------------------------------------------------------- sharded: fused optimizers

@@ -28,6 +28,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cdp_rec.config import CheckpointConfig, DataConfig
+from cdp_rec.data.hashing import fmix64
 from cdp_rec.data.loader import DataError, expand_histories
 from cdp_rec.data.schema import Batch
 
@@ -106,15 +107,24 @@ def select_rows(batch: Batch, keep: torch.Tensor) -> Batch:
 
 
 def user_tail_mask(reader: BatchSource, fraction: float) -> np.ndarray:
-    """Per row of ``reader`` (reading order): is it among its user's last ``floor(fraction * n)``
-    of the user's ``n`` rows? One pass over the reader (no model)."""
+    """Per row of ``reader`` (reading order): is it among its user's last ``k`` of the user's
+    ``n`` rows, ``k = floor(fraction * n + u)`` with ``u`` in [0, 1) a fixed hash of the user id?
+    One pass over the reader (no model).
+
+    A plain ``floor(fraction * n)`` holds out nothing of a user with fewer than
+    ``1 / fraction`` rows that day - on real logs most users: a probe's 10% validation of an
+    ad log held out 89 of ~20,000 rows with one click. With the hashed offset each user's
+    expected share is exactly ``fraction`` (a user of 3 rows gives its last one with
+    probability 0.3 at 10%), the same users on every run and rank.
+    """
     users = np.concatenate([b.user_ids.numpy() for b in reader]) if reader.num_batches() else np.empty(0, np.int64)
     order = np.argsort(users, kind="stable")  # each user's rows together, in reading order
     sorted_users = users[order]
     starts = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1]
     counts = np.diff(np.r_[starts, len(users)])
     rank = np.arange(len(users)) - np.repeat(starts, counts)  # position within the user's rows
-    held = np.repeat(np.floor(fraction * counts).astype(np.int64), counts)
+    offset = fmix64(sorted_users[starts]).astype(np.float64) / 2.0**64  # [0, 1) per user
+    held = np.repeat(np.floor(fraction * counts + offset).astype(np.int64), counts)
     mask = np.zeros(len(users), dtype=bool)
     mask[order] = rank >= np.repeat(counts, counts) - held
     return mask
