@@ -554,3 +554,15 @@ def test_training_on_data_generated_with_other_settings_says_so(small_data, capl
     (record,) = caplog.records
     assert (f"{small_data} was generated with other settings than this config's: data.seed 1 (data set: 0); "
             "data.samples_per_day 3000 (data set: 2000)") in record.getMessage()
+
+
+def test_a_validation_set_of_a_few_clicks_is_warned_about(small_data, tmp_path, caplog):
+    """Early stopping on an AUC of a handful of clicks follows noise: say so, once."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="cdp_rec.training.early_stop"):
+        assert main(["train", *_sets(*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}",
+                                     "train.run_name=v", "model.name=base", "train.epochs=2", "train.batch_size=32",
+                                     "data.valid_fraction=0.02", "train.progress=false")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "validation holds" in r.getMessage()]
+    assert len(warned) == 1 and "is noise, and early stopping / the restored best point follow it" in warned[0]

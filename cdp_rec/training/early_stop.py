@@ -134,6 +134,10 @@ class BestCheckpoint:
         return path
 
 
+# Fewer clicks (or non-clicks) than this in the validation rows: warned about once.
+MIN_VALIDATION_LABELS = 30
+
+
 class Validation:
     """Scores the held-out data at the validation points and acts on the result.
 
@@ -151,6 +155,7 @@ class Validation:
         self.epoch_ends, self.every, self.last_step = epoch_ends, every, last_step
         self.restore_best, self.is_main = restore_best, is_main
         self.seconds = 0.0
+        self.warned = False
 
     def points(self) -> set[int]:
         """Steps that end a segment for a validation (multiples of ``every`` are added by the schedule)."""
@@ -169,6 +174,16 @@ class Validation:
         improved = self.stopper.update(point)
         reduced = self.lr.on_validation(point[self.stopper.monitor])
         self.seconds += time.perf_counter() - t0
+        if self.is_main and not self.warned:
+            self.warned = True
+            pos = round(m.ctr * m.num_samples)
+            if min(pos, m.num_samples - pos) < MIN_VALIDATION_LABELS:
+                # An AUC of a handful of clicks is mostly noise: the stopping point, the plateau
+                # schedule and the restored weights would follow it.
+                log.warning("validation holds %d rows with %d clicks and %d non-clicks (under %d of either): its %s "
+                            "is noise, and early stopping / the restored best point follow it; hold out more "
+                            "(data.valid_fraction, data.valid_days)", m.num_samples, pos, m.num_samples - pos,
+                            MIN_VALIDATION_LABELS, self.stopper.monitor)
         if self.is_main:
             best = self.stopper.best or {}
             bad, patience = self.stopper.bad, self.stopper.cfg.patience
