@@ -61,7 +61,7 @@ class FakeTrainer:
         return n
 
     def evaluate(self, reader):
-        return SimpleNamespace(auc=next(self.aucs), logloss=0.5, uauc=math.nan, gauc=math.nan, num_samples=7)
+        return SimpleNamespace(auc=next(self.aucs), logloss=0.5, uauc=math.nan, gauc=math.nan, num_samples=7, ctr=3 / 7)
 
 
 class Saves:
