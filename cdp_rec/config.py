@@ -201,8 +201,7 @@ class FeatureConfig:
             if table not in known:
                 _fail(where, f"features.id_mapping.{table}", f"names an unknown table {table!r} (known tables: {known})")
             _choice(where, f"features.id_mapping.{table}", kind, ID_MAPPINGS)
-        sizes = dict(zip(known, [self.num_queries, self.num_users, self.num_items, self.num_categories,
-                                 *self.context_features.values(), *self.scene_features.values()]))
+        sizes = {table: n for table, (_, n) in table_size_fields(self).items()}
         for table, kind in self.id_mapping.items():
             if kind == "managed" and sizes[table] < 2:
                 _fail(where, f"features.id_mapping.{table}",
@@ -628,8 +627,18 @@ def embedding_table_names(features: FeatureConfig) -> list[str]:
     """Names of the embedding tables a config has, as :func:`embeddings.tables.table_specs`
     names them (kept in sync by a test); a model may use a subset (``lr_counts`` embeds
     only the context / scene columns)."""
-    return ["query", "user", "item", "category", *(f"ctx_{c}" for c in features.context_features),
-            *(f"scene_{c}" for c in features.scene_features)]
+    return list(table_size_fields(features))
+
+
+def table_size_fields(features: FeatureConfig) -> dict[str, tuple[str, int]]:
+    """Table name (:func:`embedding_table_names` order) -> the config field that sizes it and
+    its value: ``{"query": ("features.num_queries", 500), ..., "ctx_hour": ("features.context_features.hour", 24)}``."""
+    f = features
+    out = {"query": ("features.num_queries", f.num_queries), "user": ("features.num_users", f.num_users),
+           "item": ("features.num_items", f.num_items), "category": ("features.num_categories", f.num_categories)}
+    out.update({f"ctx_{c}": (f"features.context_features.{c}", n) for c, n in f.context_features.items()})
+    out.update({f"scene_{c}": (f"features.scene_features.{c}", n) for c, n in f.scene_features.items()})
+    return out
 
 
 @dataclass

@@ -46,7 +46,7 @@ from torchrec.distributed.planner.types import Storage
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import DataType
 
-from cdp_rec.config import JobConfig
+from cdp_rec.config import JobConfig, table_size_fields
 from cdp_rec.models import build_model
 from embeddings.optimizer_state import (
     CACHING as _CACHING,
@@ -224,11 +224,7 @@ def _check_table_sizes(cfg: JobConfig, what_if: WhatIf) -> None:
     """Dims and rows x dim within bounds, from the config's table sizes (as
     :func:`embeddings.tables.table_specs` makes them) and the what-ifs, naming where each
     value came from."""
-    f = cfg.features
-    fields = {"query": ("features.num_queries", f.num_queries), "user": ("features.num_users", f.num_users),
-              "item": ("features.num_items", f.num_items), "category": ("features.num_categories", f.num_categories)}
-    fields.update({f"ctx_{c}": (f"features.context_features.{c}", n) for c, n in f.context_features.items()})
-    fields.update({f"scene_{c}": (f"features.scene_features.{c}", n) for c, n in f.scene_features.items()})
+    fields = table_size_fields(cfg.features)
     if cfg.model.embedding_dim > MAX_DIM:
         raise CapacityError(f"model.embedding_dim {cfg.model.embedding_dim}: at most {MAX_DIM:,} (planning time grows "
                             f"with dim / 128 column-wise shards)")

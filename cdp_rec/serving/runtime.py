@@ -55,7 +55,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cdp_rec.config import ConfigError, FeatureConfig, config_from_dict
+from cdp_rec.config import ConfigError, FeatureConfig, config_from_dict, table_size_fields
 from cdp_rec.data.loader import DataError
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, RAW_ID_RESERVED, Batch, column_tables
 from cdp_rec.serving.package import (
@@ -415,19 +415,10 @@ def _check_model(root: Path, manifest: dict[str, Any]) -> None:
                                "(the manifest and the training config disagree)")
 
 
-def _table_sizes(features: FeatureConfig) -> dict[str, int]:
-    """Table name -> its rows by the feature spec (``features.id_mapping``'s names)."""
-    sizes = {"user": features.num_users, "query": features.num_queries, "item": features.num_items,
-             "category": features.num_categories}
-    sizes.update({f"ctx_{c}": n for c, n in features.context_features.items()})
-    sizes.update({f"scene_{c}": n for c, n in features.scene_features.items()})
-    return sizes
-
-
 def _check_tables_against_spec(root: Path, manifest: dict[str, Any], features: FeatureConfig) -> None:
     """Each table's mapping, rows and features are those of spec.json's feature spec."""
     where, spec = root / "manifest.json", root / SPEC
-    sizes = _table_sizes(features)
+    sizes = {table: n for table, (_, n) in table_size_fields(features).items()}
     columns = column_tables(features)
     for name, t in manifest["tables"].items():
         if name not in sizes:
