@@ -121,8 +121,12 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
     itself refuses a non-empty directory it did not write), so this never touches a
     directory of real logs.
     """
-    if root.exists() and not generation_marker(root).exists():
-        _warn_other_generator_settings(cfg, root, check_dataset_spec(root, cfg.features))
+    def ready() -> bool:
+        """The root is there and no generation is writing it (or was interrupted writing it)."""
+        return root.exists() and not generation_marker(root).exists()
+
+    if ready():
+        _check_existing_data(cfg, root)
         return
     if not root.exists() and not cfg.data.generate_if_missing:
         raise DataError(
@@ -132,8 +136,8 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
     # Two runs started together on one missing root (a sweep): the second waits for the first
     # one's generation instead of reading a half-written root or writing into it.
     with generation_lock(root):
-        if root.exists() and not generation_marker(root).exists():
-            check_dataset_spec(root, cfg.features)  # generated while this run waited
+        if ready():  # generated while this run waited
+            _check_existing_data(cfg, root)
             return
         if not cfg.data.generate_if_missing:
             raise DataError(f"{root}: an unfinished synthetic data set (its generation was interrupted; "
@@ -144,10 +148,12 @@ def ensure_data(cfg: JobConfig, root: Path) -> None:
         generate_dataset(cfg, root, force=False)
 
 
-def _warn_other_generator_settings(cfg: JobConfig, root: Path, spec: dict[str, Any] | None) -> None:
-    """A synthetic data set generated with other ``data.*`` settings than the config's (its
-    seed, samples per day, ...): trained on as it is, but the run's config.yaml would record
-    settings the data was not made with - say which, once, at start-up."""
+def _check_existing_data(cfg: JobConfig, root: Path) -> None:
+    """The feature spec must match (DataError); a synthetic data set generated with other
+    ``data.*`` settings than the config's (its seed, samples per day, ...) is trained on as it
+    is, but the run's config.yaml would record settings the data was not made with - say
+    which, once, at start-up."""
+    spec = check_dataset_spec(root, cfg.features)
     if not spec or spec.get("generator") != "cdp_rec.data.synthetic":
         return
     from cdp_rec.data.synthetic import dataset_spec
