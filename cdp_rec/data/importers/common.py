@@ -1367,13 +1367,11 @@ class _Importer:
         for k, v in data.items():
             if k != "root" and getattr(base_data, k) != v:
                 overrides.append(f"data.{k}={str(v).lower() if isinstance(v, bool) else v}")
-        for k, v in _data_features(features).items():
+        for k, v in {**_data_features(features), "id_mapping": id_mapping}.items():
             if getattr(base, k) != v:
                 # Compact JSON (YAML reads it): no space, so the flag survives `$(cat train_args)`.
                 val = json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else v
                 overrides.append(f"features.{k}={val}")
-        if id_mapping != base.id_mapping:
-            overrides.append(f"features.id_mapping={json.dumps(id_mapping, separators=(',', ':'))}")
         return features, fragment, overrides, trainable
 
     def _write_id_maps(self) -> None:
