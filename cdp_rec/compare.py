@@ -260,6 +260,7 @@ def run_compare(
     The parent then collects the finished runs by ``reuse`` and writes the report;
     throughput columns are then measured under each other's load.
     """
+    from cdp_rec.training.run_record import read_metrics
     from cdp_rec.training.trainer import run_name, train
 
     if seeds < 1:
@@ -291,7 +292,8 @@ def run_compare(
             cfg = load_config(config, [*common, f"model.name={name}", f"train.seed={seed}"])
             t0 = time.perf_counter()
             done = out / run_name(cfg) / "metrics.json"
-            previous = json.loads(done.read_text()) if reuse and done.is_file() else None
+            # An unreadable metrics.json (a run killed while writing it) is retrained, not a traceback.
+            previous = read_metrics(done.parent) if reuse else None
             if previous is not None and previous.get("config_hash") == cfg.hash():
                 m, run_dir = previous, done.parent
                 print(f"[compare] {name} seed {seed}: reusing {done}", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +340,11 @@ def test_compare_quick_writes_tables(small_root, tmp_path, capsys):
     assert capsys.readouterr().out.count("reusing") == 2
     again = json.loads((out / "results.json").read_text())
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results["runs"]]
+    # A metrics.json cut short (a run killed while writing it) is trained again, not a traceback.
+    (Path(again["runs"][0]["run_dir"]) / "metrics.json").write_text('{"auc": 0.')
+    assert main(["compare", "--quick", "--models", "sim,base", "--seeds", "1", "--out", str(out),
+                 "--data", str(small_root), "--set", "train.eval_batch_size=2048", "--set", "train.epochs=1"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 1
 
 
 @pytest.mark.slow
