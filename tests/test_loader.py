@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,22 @@ def test_dataset_spec_check(dataset):
     with pytest.raises(DataError, match="seed"):
         check_dataset_spec(root, cfg.features, seed=3)
     assert check_dataset_spec(root / "day=00", cfg.features) is None  # real logs: no spec
+
+
+def test_dataset_spec_check_lets_raw_id_tables_differ_in_size(dataset):
+    cfg, root, _ = dataset
+    f = cfg.features
+    hour = next(iter(f.context_features))
+    bigger = dataclasses.replace(f, num_items=f.num_items * 3,
+                                 context_features={**f.context_features, hour: f.context_features[hour] + 5})
+    # A hash / managed table's size is its row count, not the data's vocabulary ...
+    raw = dataclasses.replace(bigger, id_mapping={"item": "hash", f"ctx_{hour}": "managed"})
+    assert check_dataset_spec(root, raw) is not None
+    # ... but a dense table's size is the vocabulary, so a mismatch is still named.
+    with pytest.raises(DataError, match="features.num_items"):
+        check_dataset_spec(root, dataclasses.replace(f, num_items=f.num_items * 3, id_mapping={"item": "dense"}))
+    with pytest.raises(DataError, match="features.context_features"):
+        check_dataset_spec(root, dataclasses.replace(bigger, id_mapping={"item": "hash"}))
 
 
 # --------------------------------------------------------------------------- bad files

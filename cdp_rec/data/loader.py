@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from cdp_rec.config import FeatureConfig
+from cdp_rec.config import FeatureConfig, table_size_fields
 from cdp_rec.data.schema import (
     HIST_CATEGORIES,
     HIST_ITEMS,
@@ -189,9 +189,6 @@ def read_json_file(path: Path, what: str) -> dict[str, Any] | None:
     return data
 
 
-_TABLE_SIZE_KEYS = {"item": "num_items", "user": "num_users", "query": "num_queries", "category": "num_categories"}
-
-
 def check_dataset_spec(
     root: str | Path, features: FeatureConfig, seed: int | None = None
 ) -> dict[str, Any] | None:
@@ -215,18 +212,16 @@ def check_dataset_spec(
     want = {k: v for k, v in want.items() if k not in MODEL_SIDE_FEATURE_KEYS}
     have = {k: v for k, v in have.items() if k not in MODEL_SIDE_FEATURE_KEYS}
     # A hash / managed table's size is its row count, free to differ from the data's vocabulary.
+    sizes = table_size_fields(features)
     for table, kind in getattr(features, "id_mapping", {}).items():
-        if kind == "dense":
+        if kind == "dense" or table not in sizes:
             continue
-        key = _TABLE_SIZE_KEYS.get(table)
-        if key is not None:
-            want.pop(key, None)
-            have.pop(key, None)
-        for group, prefix in (("context_features", "ctx_"), ("scene_features", "scene_")):
-            col = table[len(prefix):] if table.startswith(prefix) else None
-            for d in (want, have):
-                if col is not None and isinstance(d.get(group), dict) and col in d[group]:
-                    d[group] = {**d[group], col: "(row count of a raw-id table)"}
+        key, *col = sizes[table][0].split(".")[1:]  # "features.num_items" / "features.context_features.hour"
+        for d in (want, have):
+            if not col:
+                d.pop(key, None)
+            elif isinstance(d.get(key), dict) and col[0] in d[key]:
+                d[key] = {**d[key], col[0]: "(row count of a raw-id table)"}
     for key in sorted(set(want) | set(have)):
         if have.get(key) != want.get(key):
             raise DataError(
