@@ -670,3 +670,89 @@ def test_gzip_input_tz_days_and_since_until(tmp_path):
     assert [d["positives"] for d in spec["day_stats"]] == [2, 1, 2]  # 2's event at 23:59 is on the 27th
     rows = read_rows(out)
     assert {r["hour"] for r in rows if r["label"] == 1} == {0, 23}  # local hours
+
+
+def test_day_split_covers_the_impression_days_not_history_only_events(tmp_path):
+    """A behaviour log beside an ad log (Taobao display ads: 22 days of pv/cart/buy, 8 days of
+    ad impressions) in one file with --impressions / --history rules: the default split is the
+    days that hold impressions, not every calendar day of the log (which left 16 empty leading
+    training days and was refused as 'stray timestamps'); earlier behaviours still feed the
+    histories, and a behaviour after the last impression day adds no empty test day."""
+    lines = ["u,i,c,t,ev,clk"]
+    for u in range(6):
+        for d in range(20):  # behaviours on days 0..19
+            lines.append(f"{u},{100 + d},{d % 3},{T0 + d * DAY + 3600 * (u + 1)},pv,0")
+        for d in range(16, 20):  # impressions on days 16..19 only
+            for k in range(5):
+                lines.append(f"{u},{200 + k},{k % 3},{T0 + d * DAY + 3600 * (u + 1) + 60 * (k + 1)},imp,{int(k == u % 5)}")
+    lines.append(f"0,999,0,{T0 + 22 * DAY},pv,0")  # a behaviour two days after the last impression
+    src = tmp_path / "log.csv"
+    src.write_text("\n".join(lines) + "\n")
+    args = ["--format", "events", str(src), "--columns", "user=u,item=i,category=c,timestamp=t,event=ev,value=clk",
+            "--impressions", "imp", "--history", "pv", "--positive", "value>0"]
+    run([*args, "--out", str(tmp_path / "a")])
+    spec = spec_of(tmp_path / "a")
+    assert (spec["data"]["train_days"], spec["data"]["test_days"]) == (3, 1)
+    assert [d["rows"] for d in spec["day_stats"]] == [30, 30, 30, 30]
+    first = dt.datetime.fromtimestamp(T0 + 16 * DAY, dt.timezone.utc).date().isoformat()
+    assert spec["day_stats"][0]["date"] == first
+    rows = read_rows(tmp_path / "a")
+    assert min(len(r[HIST_ITEMS]) for r in rows) == 17  # the behaviours of days 0..16 (day 16: before its impressions)
+    assert 999 not in {x for r in rows for x in r[HIST_ITEMS]}
+    # --train-days counts back from the last impression day too.
+    run([*args, "--out", str(tmp_path / "b"), "--train-days", "2"])
+    spec = spec_of(tmp_path / "b")
+    assert [d["rows"] for d in spec["day_stats"]] == [30, 30, 30]
+    assert spec["day_stats"][0]["date"] == (dt.date.fromisoformat(first) + dt.timedelta(days=1)).isoformat()
+
+
+def test_zone_less_timestamps_are_local_times_of_tz(tmp_path):
+    """Tianchi / Tmall logs write wall-clock times without a zone ('2017-05-06 23:30:00',
+    Beijing). With --tz Asia/Shanghai they fall on that local day and hour; they were read as
+    UTC, moving every event 8 h and splitting one local day over two. Strings with an offset
+    and zone-aware Parquet timestamps are unchanged; zone-less Parquet timestamps read like
+    zone-less strings."""
+    wall = ["2017-05-06 00:30:00", "2017-05-06 23:30:00", "2017-05-07 00:30:00", "2017-05-07 23:30:00",
+            "2017-05-07 12:00:00"]
+    body = "".join(f"{u},{i},7,{t},{v}\n" for (u, i, v), t in zip([(1, 2, 1), (1, 3, 0), (2, 3, 1), (2, 2, 0), (1, 4, 0)], wall))
+    naive = tmp_path / "naive.csv"
+    naive.write_text("u,i,c,t,v\n" + body)
+    offset = tmp_path / "offset.csv"
+    offset.write_text("u,i,c,t,v\n" + body.replace(":00,", ":00+08:00,"))
+    pq_naive = tmp_path / "naive.parquet"
+    stamps = [dt.datetime.fromisoformat(t) for t in wall]
+    pq.write_table(pa.table({"u": [1, 1, 2, 2, 1], "i": [2, 3, 3, 2, 4], "c": [7] * 5, "v": [1, 0, 1, 0, 0],
+                             "t": pa.array(stamps, pa.timestamp("us"))}), pq_naive)
+    cols = ["--columns", "user=u,item=i,category=c,timestamp=t,value=v", "--tz", "Asia/Shanghai"]
+    for src in (naive, offset, pq_naive):
+        run(["--format", "events", str(src), "--out", str(tmp_path / f"out-{src.name}"), *cols,
+             *(["--ts-unit", "iso"] if src.suffix == ".csv" else [])])
+        spec = spec_of(tmp_path / f"out-{src.name}")
+        assert [(d["date"], d["rows"]) for d in spec["day_stats"]] == [("2017-05-06", 2), ("2017-05-07", 3)], src
+        rows = read_rows(tmp_path / f"out-{src.name}")
+        assert sorted(r["ts"] for r in rows)[0] == 1494001800  # 2017-05-06 00:30 +08:00
+        assert sorted(r["hour"] for r in rows) == [0, 0, 12, 23, 23]
+    assert read_rows(tmp_path / "out-naive.csv") == read_rows(tmp_path / "out-offset.csv") \
+        == read_rows(tmp_path / "out-naive.parquet")
+    # Without --tz zone-less times stay UTC, as before.
+    run(["--format", "events", str(naive), "--out", str(tmp_path / "utc"), "--ts-unit", "iso",
+         "--columns", "user=u,item=i,category=c,timestamp=t,value=v"])
+    assert min(r["ts"] for r in read_rows(tmp_path / "utc")) == 1494030600  # 2017-05-06 00:30 UTC
+
+
+def test_last_fraction_names_a_test_day_far_below_the_fraction(tmp_path, capsys):
+    """Review logs (Amazon-like: most users with 1-3 events) keep floor(f * n) = 0 test events
+    for light users: the summary says the test day is far below --test-fraction and why."""
+    lines = ["u,i,t,v"]
+    for u in range(40):
+        n = 10 if u < 4 else 2
+        lines += [f"{u},{(u + k) % 7},{T0 + 3600 * k + u},{(u + k) % 2}" for k in range(n)]
+    src = tmp_path / "log.csv"
+    src.write_text("\n".join(lines) + "\n")
+    args = ["--format", "events", str(src), "--columns", "user=u,item=i,timestamp=t,value=v", "--split", "last-fraction"]
+    run([*args, "--out", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "note: the test day holds 7.1% of the rows, not the --test-fraction 0.2" in out
+    assert "users with fewer than 5 train only" in out
+    run([*args, "--out", str(tmp_path / "b"), "--test-fraction", "0.5"])
+    assert "note: the test day" not in capsys.readouterr().out  # 56 of 112 rows

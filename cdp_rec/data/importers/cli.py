@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -78,7 +79,8 @@ def add_import_parser(sub: Any) -> argparse.ArgumentParser:
     f.add_argument("--event-types", default=None, metavar="T,...", help="events: the known event types")
     f.add_argument("--missing-category", default=None, metavar="ID",
                    help="events: the category of an event whose category cell is empty (default: an error)")
-    f.add_argument("--ts-unit", default=None, choices=["s", "ms", "us", "ns", "iso"], help="events: timestamp unit")
+    f.add_argument("--ts-unit", default=None, choices=["s", "ms", "us", "ns", "iso"],
+                   help="events: timestamp unit (iso: ISO-8601 strings; zone-less ones are local times of --tz)")
     f.add_argument("--delimiter", default=None, help="events: CSV delimiter (default ',')")
     f.add_argument("--names", default=None, metavar="COL,...", help="events: CSV column names (file has no header)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -123,7 +125,7 @@ def build_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.names:
         m["header"] = False
         m["names"] = [s.strip() for s in args.names.split(",")]
-    src = events.source(files, m)
+    src = events.source(files, m, tz=args.tz)
     defaults = dict(events.DEFAULTS)
     defaults["positive"] = events.default_positive(src)
     return src, defaults
@@ -184,6 +186,15 @@ def summary(result: Any, config: str | None) -> str:
     if s.get("items_with_several_categories"):
         lines.append(f"note: {s['items_with_several_categories']:,} items are logged under more than one category; "
                      f"rows and histories keep each event's own, a sampled negative its item's first")
+    split = s.get("split") or {}
+    if split.get("kind") == "last-fraction" and s["rows"]:
+        test_rows = sum(d["rows"] for d in s["day_stats"] if d["split"] == "test")
+        f = split["test_fraction"]
+        if test_rows < 0.5 * f * s["rows"]:
+            lines.append(f"note: the test day holds {test_rows / s['rows']:.1%} of the rows, not the --test-fraction "
+                         f"{f:g}: a user keeps floor({f:g} * n) of its n impressions for the test, so users with "
+                         f"fewer than {math.ceil(1 / f - 1e-9)} train only and the test "
+                         f"scores the heavy users; --split days tests every user active on the last day(s)")
     neg = s["rules"]["negatives"]
     if neg:
         lines.append(f"negatives: {neg['per_positive']} per positive ({neg['sampler']}, seed {neg['seed']}), observed "

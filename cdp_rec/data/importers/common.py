@@ -307,21 +307,41 @@ _TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _TS_LIMIT = 7_258_118_400  # 2200-01-01 00:00:00 UTC, in seconds
 
 
-def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int], str], unit: str = "s") -> np.ndarray:
+def _naive_in_zone(naive: pa.Array | pa.ChunkedArray, tz: str | None) -> pa.Array | pa.ChunkedArray:
+    """Zone-less wall-clock timestamps (``timestamp[s]`` without tz) read as local times of
+    ``tz`` (a repeated hour: the earlier instant; a skipped one: the first time after it)."""
+    if tz is None or tz == "UTC":
+        return naive
+    try:
+        return pc.assume_timezone(naive, tz, ambiguous="earliest", nonexistent="latest")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"--tz {tz!r}: cannot read zone-less timestamps in this zone: {e}") from None
+
+
+def parse_ts(arr: pa.Array | pa.ChunkedArray, column: str, locate: Callable[[int], str], unit: str = "s",
+             tz: str | None = None) -> np.ndarray:
     """Timestamps -> ``[n]`` int64 unix seconds (floor). ``unit``: s / ms / us / ns for integer
-    values, ``iso`` for ISO-8601 strings (naive ones are UTC); timestamp-typed columns as is."""
+    values, ``iso`` for ISO-8601 strings; timestamp-typed columns as is. Zone-less values (ISO
+    strings without an offset, Parquet timestamps without a tz) are wall-clock times in ``tz``
+    (the import's ``--tz``; None: UTC), like ``2017-05-06 08:00:00`` in a log written in Beijing."""
     check_no_nulls(arr, column, locate)
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
-        arr = pc.cast(pc.cast(arr, pa.timestamp("s", tz=getattr(arr.type, "tz", None))), pa.int64())
-        ts = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+        zone = getattr(arr.type, "tz", None)
+        arr = pc.cast(arr, pa.timestamp("s", tz=zone))
+        if zone is None:
+            arr = _naive_in_zone(arr, tz)
+        ts = pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
     elif unit == "iso":
         ts = None
         for target in (pa.timestamp("s"), pa.timestamp("s", tz="UTC")):
             try:
-                ts = pc.cast(pc.cast(arr, target), pa.int64()).to_numpy(zero_copy_only=False)
-                break
+                parsed = pc.cast(arr, target)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 continue
+            if target.tz is None:
+                parsed = _naive_in_zone(parsed, tz)
+            ts = pc.cast(parsed, pa.int64()).to_numpy(zero_copy_only=False)
+            break
         if ts is None:
             for i in range(len(arr)):  # error path only: find the first unparsable value
                 try:
@@ -824,6 +844,9 @@ class _Importer:
         self.type_counts: dict[str, int] = {}
         self.n_read = self.n_kept = 0
         self.min_ts, self.max_ts = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+        # Time range of the events that become rows (impressions; with --negatives, positive
+        # ones): the day split covers these days, not those where only history events fall.
+        self.row_min_ts, self.row_max_ts = self.min_ts, self.max_ts
         lo = _local_midnight(_parse_date(o.since, "--since"), self.zone) if o.since else None
         hi = (_local_midnight(_parse_date(o.until, "--until") + dt.timedelta(days=1), self.zone)
               if o.until else None)
@@ -883,6 +906,10 @@ class _Importer:
             self.item_stats.add(batch.item, batch.category, seq, pos)
             self.min_ts = min(self.min_ts, int(batch.ts.min()))
             self.max_ts = max(self.max_ts, int(batch.ts.max()))
+            row_ev = (imp & pos) if o.negatives else imp
+            if row_ev.any():
+                self.row_min_ts = min(self.row_min_ts, int(batch.ts[row_ev].min()))
+                self.row_max_ts = max(self.row_max_ts, int(batch.ts[row_ev].max()))
             _split_append(self.tmp, 1, rec, user_bucket(batch.user, self.S), self.S)
         if self.n_kept == 0:
             raise DataError(f"{', '.join(map(str, self.src.files))}: no events"
@@ -928,16 +955,26 @@ class _Importer:
         self.first_date, self.starts = day_starts(self.min_ts, self.max_ts, self.zone)
         self.n_cal = len(self.starts) - 1
         if o.split == "days":
+            # The output days end on the last day with an impression (row) and, by default, start
+            # on the first one: a log whose history-only events (--impressions / --history rules,
+            # e.g. a behaviour log beside an ad log) reach further back has no empty leading days.
+            if self.row_min_ts <= self.row_max_ts:
+                first_cal = int(np.searchsorted(self.starts, self.row_min_ts, side="right")) - 1
+                last_cal = int(np.searchsorted(self.starts, self.row_max_ts, side="right")) - 1
+            else:  # no impression at all (refused later with its own message)
+                first_cal, last_cal = 0, self.n_cal - 1
+            n_row_days = last_cal - first_cal + 1
             if o.train_days is None:
-                if self.n_cal < 1 + o.test_days:
-                    raise DataError(f"the log spans {self.n_cal} calendar day(s) ({o.tz}), too few for a "
+                if n_row_days < 1 + o.test_days:
+                    what = "log spans" if n_row_days == self.n_cal else "log's impressions span"
+                    raise DataError(f"the {what} {n_row_days} calendar day(s) ({o.tz}), too few for a "
                                     f"train/test split by day: use --split last-fraction")
-                self.train_days = self.n_cal - o.test_days
+                self.train_days = n_row_days - o.test_days
             else:
                 self.train_days = o.train_days
             self.test_days = o.test_days
             self.D = self.train_days + self.test_days
-            self.first_out_cal = self.n_cal - self.D  # may be negative: leading days without events
+            self.first_out_cal = last_cal + 1 - self.D  # may be negative: leading days without events
         else:
             self.train_days, self.test_days, self.D = 1, 1, 2
             self.first_out_cal = 0
@@ -1268,8 +1305,8 @@ class _Importer:
                          {"from": "sessions", "session_gap_s": o.session_gap,
                           "rule": "a user's impressions of one day with consecutive gaps <= session_gap_s; "
                                   "request_id = log position of the first"}),
-            "split": ({"kind": "days", "rule": f"the last {self.D} calendar days ({o.tz}); earlier events only "
-                                              "feed histories", "since": o.since, "until": o.until}
+            "split": ({"kind": "days", "rule": f"the last {self.D} calendar days ({o.tz}) up to the last day with "
+                                              "an impression; earlier events only feed histories", "since": o.since, "until": o.until}
                       if o.split == "days" else
                       {"kind": "last-fraction", "test_fraction": o.test_fraction,
                        "rule": "each user's last floor(f * n) impression events (by ts, log order) are day 1"}),

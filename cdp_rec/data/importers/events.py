@@ -16,7 +16,8 @@ Mapping (YAML, ``--mapping FILE``; every key also has a flag, which wins)::
     string_ids: [user, item]       # roles whose ids are strings (hashed); CSV only, Parquet
                                    # string columns are always hashed
     event_types: [click, buy]      # declared types: any other is an error (default: any)
-    ts_unit: s                     # s | ms | us | ns (integers) | iso (ISO-8601 strings)
+    ts_unit: s                     # s | ms | us | ns (integers) | iso (ISO-8601 strings; zone-less
+                                   # ones, like zone-less Parquet timestamps, are local times of --tz)
     delimiter: ","                 # CSV only
     header: true                   # CSV only; false: give names
     names: [uid, item, ...]        # CSV column names when there is no header
@@ -96,7 +97,9 @@ def source(
     files: list[Path],
     mapping: dict[str, Any] | None = None,
     block_size: int = 16 << 20,
+    tz: str | None = None,
 ) -> Source:
+    """``tz``: the import's ``--tz``, the zone of zone-less timestamps (None: UTC)."""
     files = [Path(f) for f in files]
     m = dict(mapping or {})
     cols: dict[str, str] = dict(m.get("columns") or {})
@@ -180,7 +183,7 @@ def source(
             user=ident("user", cols["user"]),
             item=ident("item", cols["item"]),
             category=ident("category", cols["category"]) if "category" in cols else np.zeros(n, np.int64),
-            ts=parse_ts(cols_in[cols["timestamp"]], cols["timestamp"], locate, ts_unit),
+            ts=parse_ts(cols_in[cols["timestamp"]], cols["timestamp"], locate, ts_unit, tz),
             etype=etype,
             value=parse_value(cols_in[cols["value"]], cols["value"], locate) if "value" in cols else None,
             query=ident("query", cols["query"]) if "query" in cols else None,
@@ -223,6 +226,7 @@ def source(
         value_names=value_names, has_category="category" in cols, has_query="query" in cols,
         has_request="request" in cols, context_columns=context, scene_columns=scene, event_types=event_types,
         string_roles=tuple(sorted(roles)), notes={"columns": cols, "ts_unit": ts_unit,
+                                                    "zone_less_timestamps": f"local times of {tz or 'UTC'}",
                                                     **({"missing_category": str(missing_category)}
                                                        if missing_category is not None else {})},
     )
