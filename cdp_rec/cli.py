@@ -210,10 +210,17 @@ def _fmt(x: float | None) -> str:
 
 
 def _groups(m: dict) -> str:
-    """UAUC and GAUC with how many users / requests they average (those with both labels):
-    a GAUC of a handful of requests must not read like one of thousands."""
-    return (f"UAUC {_fmt(m['uauc'])} ({m['num_users_used']:,} users)  "
-            f"GAUC {_fmt(m['gauc'])} ({m['num_requests_used']:,} requests)")
+    """UAUC and GAUC with how many users / requests they average (those with both labels)
+    and the share of the samples those hold: a GAUC of a handful of requests must not read
+    like one of thousands."""
+    from cdp_rec.metrics import sample_share
+
+    def share(key: str) -> str:
+        pct = sample_share(m, key)
+        return "" if pct is None else f", {pct} of samples"
+
+    return (f"UAUC {_fmt(m['uauc'])} ({m['num_users_used']:,} users{share('num_samples_users_used')})  "
+            f"GAUC {_fmt(m['gauc'])} ({m['num_requests_used']:,} requests{share('num_samples_requests_used')})")
 
 
 def build_parser() -> argparse.ArgumentParser:

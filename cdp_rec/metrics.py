@@ -314,6 +314,9 @@ class CTRMetrics:
         num_samples: Number of samples evaluated.
         num_users_used: Users with both labels, i.e. that entered UAUC.
         num_requests_used: Requests with both labels, i.e. that entered GAUC.
+        num_samples_users_used: Samples of those users: how much of the data UAUC speaks for.
+        num_samples_requests_used: Samples of those requests: on a log of one- or two-impression
+            requests GAUC may average a handful of them, noise that must not read as a headline.
         logloss: Mean binary cross-entropy, predictions clipped to
             ``[1e-7, 1 - 1e-7]``.
         ctr: Mean label.
@@ -332,10 +335,23 @@ class CTRMetrics:
     logloss: float
     ctr: float
     mean_prediction: float
+    num_samples_users_used: int = 0
+    num_samples_requests_used: int = 0
 
     def to_dict(self) -> dict[str, float | int]:
         """Returns the metrics as a flat ``{name: value}`` dict (for logging)."""
         return dataclasses.asdict(self)
+
+
+def sample_share(m: dict[str, Any], key: str) -> str | None:
+    """``"96%"`` / ``"0.62%"``: the share of ``m["num_samples"]`` that ``m[key]`` (a
+    ``num_samples_*_used`` count of :class:`CTRMetrics`, as a dict) is; None when either is
+    missing or 0 (a metrics.json of an older cdp-rec has no per-group sample counts)."""
+    n, total = m.get(key), m.get("num_samples")
+    if not n or not total:
+        return None
+    pct = 100 * n / total
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
 
 
 def compute_ctr_metrics(
@@ -408,6 +424,8 @@ def compute_ctr_metrics(
         logloss=logloss,
         ctr=n_pos / n,
         mean_prediction=float(s.mean()),
+        num_samples_users_used=int(user_size[user_valid].sum()),
+        num_samples_requests_used=int(req_size[req_valid].sum()),
     )
 
 

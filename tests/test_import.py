@@ -378,8 +378,9 @@ def test_raw_ids_import_writes_a_config_that_trains(tmp_path, capsys):
     assert metrics["num_samples"] == 168 and metrics["id_mapping_days"]  # the test day, scored
     # The summary says how many users / requests the group AUCs average over.
     printed = capsys.readouterr().out
-    assert f"({metrics['num_users_used']:,} users)  GAUC " in printed, printed
-    assert f"({metrics['num_requests_used']:,} requests)" in printed, printed
+    share = 100 * metrics["num_samples_users_used"] / metrics["num_samples"]  # ... and what share of the rows
+    assert f"({metrics['num_users_used']:,} users, {share:.0f}% of samples)  GAUC " in printed, printed
+    assert metrics["num_requests_used"] == 0 and "GAUC n/a (0 requests)" in printed, printed  # one row a request
 
 
 def test_missing_category_fills_empty_cells_only_when_asked(tmp_path):

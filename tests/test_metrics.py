@@ -212,6 +212,10 @@ def test_compute_ctr_metrics_matches_references() -> None:
     assert m.ctr == pytest.approx(labels.mean())
     assert m.mean_prediction == pytest.approx(scores.mean())
     assert m.num_samples == len(scores)
+    # The samples the averaged groups hold: those of the groups with both labels.
+    for key, col in (("num_samples_users_used", users), ("num_samples_requests_used", requests)):
+        both = {g for g in np.unique(col) if 0 < labels[col == g].sum() < (col == g).sum()}
+        assert getattr(m, key) == sum(int((col == g).sum()) for g in both), key
     d = m.to_dict()
     assert set(d) == {f.name for f in CTRMetrics.__dataclass_fields__.values()}
     assert d["gauc"] == m.gauc
@@ -222,6 +226,7 @@ def test_compute_ctr_metrics_edge_cases() -> None:
                             np.array([1, 2]), np.array([1, 2]))
     assert math.isnan(m.auc) and math.isnan(m.uauc) and math.isnan(m.gauc)
     assert m.num_users_used == 0 and m.num_requests_used == 0
+    assert m.num_samples_users_used == 0 and m.num_samples_requests_used == 0
     assert np.isfinite(m.logloss)  # p=0 for a positive is clipped, not inf
     with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
         compute_ctr_metrics(np.array([-2.0, 3.0]), np.array([0, 1]),
