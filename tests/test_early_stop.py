@@ -457,3 +457,54 @@ def test_schedule_segments_batches_and_checkpoint_policy():
     assert policy.due(6, stopping=True)
     off = CheckpointPolicy(CheckpointConfig(every_steps=0, at_day_end=False), cut)
     assert not any(off.due(k, stopping=True) for k in range(1, 11))
+
+
+def test_auc_standard_error_matches_the_spread_of_resampled_aucs():
+    """Hanley-McNeil's error against the spread of AUCs over 400 samples: close under the
+    exponential score model it is derived for, on the conservative side for binormal scores."""
+    from cdp_rec.metrics import auc, auc_standard_error
+
+    rng = np.random.default_rng(0)
+    cases = [(60, 140, "exp", 2.0, 0.1), (30, 600, "exp", 4.0, 0.1), (400, 400, "exp", 1.3, 0.1),
+             (60, 140, "normal", 1.0, None), (30, 600, "normal", 1.8, None)]
+    for n_pos, n_neg, kind, shift, rel in cases:
+        labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+
+        def draw(n: int, s: float) -> np.ndarray:
+            return rng.exponential(s, n) if kind == "exp" else rng.normal(s - 1.0, 1.0, n)
+
+        aucs = [auc(np.r_[draw(n_pos, shift), draw(n_neg, 1.0)], labels) for _ in range(400)]
+        se, spread = auc_standard_error(float(np.mean(aucs)), n_pos, n_neg), float(np.std(aucs))
+        if rel is not None:
+            assert se == pytest.approx(spread, rel=rel), (n_pos, n_neg, kind, shift)
+        else:
+            assert 0.9 * spread < se < 1.5 * spread, (n_pos, n_neg, kind, shift, se, spread)
+    assert math.isnan(auc_standard_error(0.7, 0, 5)) and math.isnan(auc_standard_error(float("nan"), 5, 5))
+
+
+@pytest.mark.parametrize("rows, clicks, warned", [
+    (263, 180, "standard error of about 0.03"),  # a review log's per-user validation: 83 non-clicks, yet AUC ± 0.03
+    (200, 12, "under 30 of either"),
+    (20000, 4000, None),
+])
+def test_a_validation_too_small_to_rank_epochs_is_warned_about_once(tmp_path, caplog, rows, clicks, warned):
+    import logging
+    from types import SimpleNamespace
+
+    from cdp_rec.config import EarlyStopConfig
+    from cdp_rec.training.early_stop import BestCheckpoint, EarlyStopping, Validation
+
+    metrics = SimpleNamespace(auc=0.74, logloss=0.5, uauc=0.7, gauc=0.7, num_samples=rows, ctr=clicks / rows)
+    trainer = SimpleNamespace(evaluate=lambda reader: metrics)
+    stopper = EarlyStopping(EarlyStopConfig())
+    lr = LRSchedule(LRScheduleConfig(), 10, stopper.improvement)
+    v = Validation(None, stopper, lr, BestCheckpoint(tmp_path), epoch_ends={5, 10}, every=0, last_step=10,
+                   restore_best=False, is_main=True)
+    with caplog.at_level(logging.WARNING, logger="cdp_rec.training.early_stop"):
+        v.run(trainer, 5, 1, rows, {})
+        v.run(trainer, 10, 2, 2 * rows, {})
+    messages = [r.getMessage() for r in caplog.records]
+    if warned is None:
+        assert not messages
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "hold out more" in messages[0], messages

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_rec.config import EarlyStopConfig
+from cdp_rec.metrics import auc_standard_error
 from cdp_rec.training.checkpoint import Checkpointer, CheckpointError, Position, list_checkpoints
 from cdp_rec.training.lr_schedule import Improvement
 
@@ -134,8 +135,11 @@ class BestCheckpoint:
         return path
 
 
-# Fewer clicks (or non-clicks) than this in the validation rows: warned about once.
+# Fewer clicks (or non-clicks) than this in the validation rows, or a validation AUC whose
+# standard error is above MAX_VALIDATION_AUC_SE: warned about once. Epochs of CTR models
+# typically differ by 0.001-0.01 AUC; an error of 0.01 cannot rank them.
 MIN_VALIDATION_LABELS = 30
+MAX_VALIDATION_AUC_SE = 0.01
 
 
 class Validation:
@@ -177,13 +181,20 @@ class Validation:
         if self.is_main and not self.warned:
             self.warned = True
             pos = round(m.ctr * m.num_samples)
+            se = auc_standard_error(m.auc, pos, m.num_samples - pos)
+            # An AUC of a handful of clicks is mostly noise: the stopping point, the plateau
+            # schedule and the restored weights would follow it.
             if min(pos, m.num_samples - pos) < MIN_VALIDATION_LABELS:
-                # An AUC of a handful of clicks is mostly noise: the stopping point, the plateau
-                # schedule and the restored weights would follow it.
                 log.warning("validation holds %d rows with %d clicks and %d non-clicks (under %d of either): its %s "
                             "is noise, and early stopping / the restored best point follow it; hold out more "
                             "(data.valid_fraction, data.valid_days)", m.num_samples, pos, m.num_samples - pos,
                             MIN_VALIDATION_LABELS, self.stopper.monitor)
+            elif se > MAX_VALIDATION_AUC_SE:
+                log.warning("validation holds %d rows with %d clicks and %d non-clicks: its AUC %.4f has a standard "
+                            "error of about %.3f (Hanley-McNeil), so epochs closer than ~%.2f are not told apart and "
+                            "early stopping / the restored best point may follow noise; hold out more "
+                            "(data.valid_fraction, data.valid_days)", m.num_samples, pos, m.num_samples - pos,
+                            m.auc, se, 2 * se)
         if self.is_main:
             best = self.stopper.best or {}
             bad, patience = self.stopper.bad, self.stopper.cfg.patience
