@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from cdp_rec.config import ConfigError, JobConfig, load_config
+from cdp_rec.config import MAX_THREADS, ConfigError, JobConfig, load_config
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -138,12 +138,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_days(args: argparse.Namespace) -> None:
+    """A day given twice would be read twice: scored twice (predict) or counted twice in the
+    metrics (evaluate's AUC / UAUC / GAUC over duplicated impressions)."""
+    repeated = sorted({d for d in args.day if args.day.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"--day {repeated[0]} is given more than once; each day is read once")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the test days of a data set with a checkpoint (any world size wrote it)."""
     from cdp_rec.data.joined import open_reader
     from cdp_rec.training.checkpoint import load_unsharded
     from cdp_rec.training.trainer import Trainer
 
+    _check_days(args)
     model, cfg = load_unsharded(Path(args.checkpoint), args.set)
     root = Path(args.data or cfg.data.root)
     days = args.day if args.day else list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
@@ -193,6 +202,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         print(f"cdp-rec predict: error: --batch-size must be > 0, got {args.batch_size}", file=sys.stderr)
+        return 2
+    _check_days(args)
+    if not 0 <= args.threads <= MAX_THREADS:  # -1: a RuntimeError traceback; 100000: a segfault
+        print(f"cdp-rec predict: error: --threads must be in [0, {MAX_THREADS}], got {args.threads}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

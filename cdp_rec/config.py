@@ -109,6 +109,9 @@ def _positive_float(where: Where, key: str, value: float, allow_zero: bool = Fal
 
 
 ID_MAPPINGS = ("dense", "hash", "managed")
+# Most torch intra-op threads a setting may ask for (train.threads, OMP_NUM_THREADS, predict
+# --threads): far above any host's cores, below the counts where OpenMP start-up segfaults.
+MAX_THREADS = 1024
 EVICTION_POLICIES = ("distance_lfu", "lru", "lfu")
 
 
@@ -561,8 +564,17 @@ class TrainConfig:
                 _fail(where, f"train.{name}", f"must be < 2**31, got {getattr(self, name)}")
         if not self.run_dir:
             _fail(where, "train.run_dir", "must be a non-empty path (runs go to <run_dir>/<run_name>)")
+        # Inside run_dir: "/home/me/proj" or "../x" put the run elsewhere, where it rewrites
+        # whatever config.yaml / metrics.json that directory holds.
+        parts = self.run_name.split("/")
+        if self.run_name and (self.run_name.startswith("/") or "\0" in self.run_name
+                              or any(part in (".", "..") for part in parts)):
+            _fail(where, "train.run_name", f"must be a relative name inside train.run_dir (no leading '/', no '.' "
+                  f"or '..' parts), got {self.run_name!r}; set train.run_dir to choose where runs go")
         _positive(where, "train", self, ("max_steps", "seed", "eval_every"), minimum=0)  # max_steps 0: no limit
         _positive(where, "train", self, ("threads",), minimum=0)  # 0: picked at start-up
+        if self.threads > MAX_THREADS:  # 100000 OpenMP threads: a segfault at start-up, no message
+            _fail(where, "train.threads", f"must be <= {MAX_THREADS}, got {self.threads}")
         self.early_stop.validate(where)
         self.lr_schedule.validate(where)
         _positive_float(where, "train.embedding_l2", self.embedding_l2, allow_zero=True)
@@ -831,13 +843,26 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1} column {mark.column + 1}: {text}" if mark is not None else text
 
 
-def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+# More keys than any config has (~150, plus user-listed context / scene columns): a file
+# whose aliases expand beyond this is an alias bomb ("billion laughs"), not a config.
+_MAX_YAML_KEYS = 100_000
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "", _walk: dict[str, Any] | None = None) -> dict[str, int]:
     """Dotted key -> 1-based line of every scalar mapping key in a composed YAML tree.
 
     A key given twice in one mapping is a ConfigError naming the file, line and dotted key
-    (:class:`_StrictLoader` refuses it too, but does not know the key's section)."""
+    (:class:`_StrictLoader` refuses it too, but does not know the key's section). So is a
+    mapping that contains itself through an alias (``a: &a {b: *a}``) and a tree whose
+    aliases expand to more than ``_MAX_YAML_KEYS`` keys: an alias is walked once per use,
+    so either would otherwise recurse without end or exhaust memory."""
+    walk = _walk if _walk is not None else {"open": set(), "keys": 0}
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
+        if id(node) in walk["open"]:
+            raise ConfigError(f"{node.start_mark.name}:{node.start_mark.line + 1}: {prefix or 'the document'} "
+                              "is an alias of a mapping that contains it; a config must be a finite tree")
+        walk["open"].add(id(node))
         seen: dict[tuple[str, str], int] = {}
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
@@ -848,8 +873,13 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
                     raise ConfigError(f"{key_node.start_mark.name}:{line}: duplicate key {key} "
                                       f"(first given on line {seen[ident]}); remove one")
                 seen[ident] = line
+                walk["keys"] += 1
+                if walk["keys"] > _MAX_YAML_KEYS:
+                    raise ConfigError(f"{key_node.start_mark.name}:{line}: more than {_MAX_YAML_KEYS} keys once "
+                                      "YAML aliases are expanded (an alias bomb?); a config has a few hundred")
                 out[key] = line
-                out.update(_key_lines(value_node, key))
+                out.update(_key_lines(value_node, key, walk))
+        walk["open"].discard(id(node))
     return out
 
 

@@ -62,6 +62,11 @@ def run_train(capsys, *args: str) -> str:
         ("sharding.ddr_gb=-1", "sharding.ddr_gb must be a finite number >= 0"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last must be > 0"),
         ("checkpoint.every_steps=-5", "checkpoint.every_steps must be >= 0"),
+        # a run name that leaves run_dir rewrote that directory's config.yaml / metrics.json
+        ("train.run_name=/tmp/elsewhere", "train.run_name must be a relative name inside train.run_dir"),
+        ("train.run_name=../up", "train.run_name must be a relative name inside train.run_dir"),
+        ("train.run_name=a/../../b", "train.run_name must be a relative name inside train.run_dir"),
+        ("train.run_name=..", "train.run_name must be a relative name inside train.run_dir"),
     ],
 )
 def test_out_of_range_set_is_one_line_naming_the_set(capsys, override, message):
@@ -215,3 +220,15 @@ def test_table_missing_from_a_models_sharded_collection_is_a_config_error():
 
 def test_jobconfig_default_is_valid():
     assert JobConfig().validate() == JobConfig()
+
+
+def test_run_name_may_still_group_runs_in_subdirectories():
+    assert load_config(None, ["train.run_name=sweep-3/lr 0.01"]).train.run_name == "sweep-3/lr 0.01"
+
+
+def test_thread_count_beyond_the_cap_is_refused_at_load():
+    # 100000 OpenMP threads segfaulted train at start-up (exit 139, no message); load_config only,
+    # so a regression cannot take the test session down with it
+    with pytest.raises(ConfigError, match=r"^--set train.threads=100000: train.threads must be <= 1024, got 100000$"):
+        load_config(None, ["train.threads=100000"])
+    assert load_config(None, ["train.threads=1024"]).train.threads == 1024

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdp_rec.config import ConfigError
+from cdp_rec.config import MAX_THREADS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ def choose_threads(requested: int, omp_env: str | None, cores: int, local_proces
             n = 0
         if n < 1:
             raise ConfigError(f"environment: OMP_NUM_THREADS must be a positive integer, got {omp_env!r} "
+                              "(unset it, or set train.threads)")
+        if n > MAX_THREADS:  # OpenMP segfaults starting 100000 threads
+            raise ConfigError(f"environment: OMP_NUM_THREADS must be <= {MAX_THREADS}, got {omp_env!r} "
                               "(unset it, or set train.threads)")
         return ThreadChoice(n, "OMP_NUM_THREADS", "")
     share = max(1, cores // max(1, local_processes))
