@@ -163,3 +163,11 @@ def test_binary_dataset_spec(root):
     with pytest.raises(DataError) as e:
         check_dataset_spec(root, JobConfig().features)
     assert str(e.value).startswith(f"{spec}: cannot read data set spec:") and "\n" not in str(e.value)
+
+
+def test_dataset_spec_nested_past_the_parsers_stack(root):
+    spec = root / "_dataset.json"
+    spec.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError) as e:
+        check_dataset_spec(root, JobConfig().features)
+    assert str(e.value) == f"{spec}: cannot read data set spec: JSON nested too deeply"

@@ -184,6 +184,8 @@ def read_json_file(path: Path, what: str) -> dict[str, Any] | None:
         raise DataError(f"{path}: cannot read {what}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read {what}: {' '.join(str(e).split())}") from e
+    except RecursionError as e:  # nested deeper than the parser's stack: not a spec, and not a traceback
+        raise DataError(f"{path}: cannot read {what}: JSON nested too deeply") from e
     if not isinstance(data, dict):
         raise DataError(f"{path}: cannot read {what}: expected a JSON object, got {type(data).__name__}")
     return data

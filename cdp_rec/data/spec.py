@@ -53,15 +53,6 @@ def generation_lock(root: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_dataset_spec(root: str | Path) -> dict[str, Any] | None:
-    """``<root>/_dataset.json`` parsed, or None when it does not exist (OSError / JSONDecodeError
-    when it cannot be read; :func:`cdp_rec.data.loader.read_json_file` turns those into a DataError)."""
-    path = spec_path(root)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
 def write_dataset_spec(root: str | Path, spec: dict[str, Any]) -> Path:
     """Write ``spec`` (sorted keys, indented) to a temporary name and rename it into place."""
     path = spec_path(root)

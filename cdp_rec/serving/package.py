@@ -86,7 +86,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         data = json.loads(path.read_bytes())
     except OSError as e:
         raise PackageError(f"{path}: unreadable ({e.strerror or e})") from e
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser's stack
         raise PackageError(f"{path}: not JSON ({e})") from e
     if not isinstance(data, dict):
         raise PackageError(f"{path}: holds a JSON {_JSON_TYPES.get(type(data), '?')}, not an object")
@@ -135,6 +135,8 @@ def verify_package(root: Path, manifest: dict[str, Any], expected_sha256: str | 
         parts = PurePosixPath(name).parts
         if any(root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts) + 1)):
             raise PackageError(f"{path}: is (under) a symbolic link; a package holds its own files")
+        if path.exists() and not path.is_file():  # a FIFO or device: hashing it would block or never end
+            raise PackageError(f"{path}: is not a regular file ({'a directory' if path.is_dir() else 'a FIFO, device or socket'})")
         bad = size_difference(path, files[name], "exported", "the export")
         if bad == "missing":
             bad = f"missing (listed in {MANIFEST})"
@@ -187,7 +189,7 @@ def read_json(root: Path, manifest: dict[str, Any], name: str, what: str) -> dic
     path = listed(root, manifest, name, what)
     try:
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PackageError(f"{path}: unreadable {what} ({e})") from e
     if not isinstance(data, dict):
         raise PackageError(f"{path}: {what} is not a JSON object")

@@ -87,10 +87,15 @@ def input_files(data: Path, days: Sequence[int] = ()) -> list[Path]:
     if days or day_dirs:
         wanted = list(days) or [int(p.name.split("=", 1)[1]) for p in day_dirs if p.name[4:].isdigit()]
         return [f for d in wanted for f in list_day_files(data, d)]
-    files = sorted(p for p in data.glob("*.parquet") if not is_ignored_name(p.name))
-    if not files:
+    entries = sorted(p for p in data.iterdir() if not is_ignored_name(p.name))
+    # Like a day directory: a file that is not read is an error, never silently unscored rows.
+    stray = [p for p in entries if not (p.name.endswith(".parquet") and p.is_file())]
+    if stray:
+        raise DataError(f"{stray[0]}: not a *.parquet file, in the directory being scored (--data {data}); "
+                        "move it out, or rename it if it is Parquet (names starting with '.' or '_' are ignored)")
+    if not entries:
         raise DataError(f"{data}: no *.parquet files and no day=NN directories")
-    return files
+    return entries
 
 
 def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Sequence[int] = ()) -> ParquetBatchReader:

@@ -139,7 +139,7 @@ def load_program(root: Path, files: dict[str, str]) -> Callable[..., Any]:
     program_path = root / files["program"]
     try:
         program = json.loads(program_path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PackageError(f"{program_path}: unreadable program ({e})") from e
     check_program(program, program_path)
     _drop_metadata(program)

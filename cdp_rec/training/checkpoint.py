@@ -31,11 +31,13 @@ not tampering: whoever can rewrite the files can rewrite ``meta.json``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -135,7 +137,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         data = json.loads(meta.read_bytes())
     except OSError as e:
         raise CheckpointError(f"{meta}: unreadable ({e.strerror or e})") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
         raise CheckpointError(f"{meta}: not JSON ({e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{meta}: holds a JSON {_JSON_TYPES.get(type(data), '?')}, not an object")
@@ -145,6 +147,14 @@ def read_meta(path: Path) -> dict[str, Any]:
         if type(data[key]) is not kind:  # type(): bool is an int, but not a step count
             raise CheckpointError(f"{meta}: {key!r} is a JSON {_JSON_TYPES.get(type(data[key]), '?')}, "
                                   f"not a JSON {_JSON_TYPES[kind]}")
+    # Counts a save can write: a negative step would "resume" before the start, a string
+    # "final" would be truthy and end the run without training.
+    for key, least in (("global_step", 0), ("samples", 0), ("world_size", 1)):
+        if data[key] < least:
+            raise CheckpointError(f"{meta}: {key!r} is {data[key]}, a save writes a count >= {least}")
+    if "final" in data and type(data["final"]) is not bool:
+        raise CheckpointError(f"{meta}: 'final' is a JSON {_JSON_TYPES.get(type(data['final']), '?')}, "
+                              "not a JSON boolean")
     return data
 
 
@@ -175,6 +185,23 @@ def _share(names: list[str], records: dict[str, dict[str, Any]], rank: int, worl
     return order[rank::world]
 
 
+def _check_regular(file: Path) -> None:
+    """Refuse a checkpoint entry that exists but is not a regular file (after links).
+
+    Hashing or unpickling a FIFO, ``/dev/zero`` or a directory would block forever or
+    read without end; a missing file is left to the size check, which names it.
+    """
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read checkpoint: unreadable ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{file}: cannot read checkpoint: not a regular file "
+                              f"({'a directory' if stat.S_ISDIR(st.st_mode) else 'a FIFO, device or socket'})")
+
+
 def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world: int = 1) -> None:
     """Check this rank's share of the checkpoint's files against meta.json, before reading any.
 
@@ -187,6 +214,7 @@ def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world: int = 1
             log.warning("%s: saved without file digests (older cdp-rec): loading it without an integrity check", path)
         return
     for name in sorted(records):
+        _check_regular(path / name)
         bad = checksums.size_difference(path / name, records[name])
         if bad:
             raise CheckpointError(f"{path / name}: cannot read checkpoint: {bad}")
@@ -202,6 +230,7 @@ def read_dcp_metadata(path: Path, meta: dict[str, Any]) -> Any:
     The second check keeps DCP from reading a file that :func:`verify_files` did not see.
     """
     file = path / METADATA
+    _check_regular(file)
     try:
         md = load_metadata(file)
         check_storage_paths(md)
@@ -287,6 +316,22 @@ def _first_failure(e: BaseException) -> BaseException:
         first = next(iter(failures.values()))
         return first[0] if isinstance(first, tuple) else first
     return e
+
+
+def _os_cause(e: BaseException) -> str | None:
+    """The OS's reason (``No space left on device``, ``File too large``, ...) behind a
+    failed write, or None. torch's writers raise a RuntimeError about stream positions;
+    the OSError is in the exception's context (DCP: its first failed rank's exception)."""
+    todo, seen = [e, _first_failure(e)], set()
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno:
+            return os.strerror(cur.errno)
+        todo += [cur.__cause__, cur.__context__]
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -399,6 +444,9 @@ class Checkpointer:
                 raise KeyboardInterrupt from e
             # A full or read-only disk surfaces as DCP's CheckpointException or torch.save's
             # RuntimeError, not as an OSError: say which directory and why, in one line.
+            cause = _os_cause(e)
+            if cause is not None:  # e.g. DCP's "unexpected pos 704 vs 598" over a hidden ENOSPC
+                raise CheckpointError(f"{staging}: cannot write checkpoint: {cause}") from e
             lines = str(e).strip().splitlines()
             raise CheckpointError(f"{staging}: cannot write checkpoint ({type(e).__name__}: "
                                   f"{lines[-1] if lines else e})") from e
@@ -455,7 +503,10 @@ class Checkpointer:
             torch.set_rng_state(rng)
         pos = Position(meta["global_step"], meta["samples"], meta.get("final", False))
         for name, obj in self._attached.items():
-            obj.load_checkpoint_state(attached.get(name), pos.global_step)
+            try:
+                obj.load_checkpoint_state(attached.get(name), pos.global_step)
+            except ValueError as e:
+                raise CheckpointError(f"{path / STATES}: the saved {name} state {e}") from e
         return pos, meta
 
 
@@ -591,10 +642,11 @@ def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: P
     for key, t in model.state_dict().items():
         table = tables.get(key)
         if table is not None:  # an EBC or EC table: streamed shard by shard into its .npy
+            file = staging / "tables" / f"{table}.npy"
             target = np.lib.format.open_memmap(
-                staging / "tables" / f"{table}.npy", mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype,
-                shape=tuple(t.shape),
+                file, mode="w+", dtype=torch.empty((), dtype=t.dtype).numpy().dtype, shape=tuple(t.shape),
             )
+            _reserve(file)
             _dcp_load({"model": {key: torch.from_numpy(target)}}, path)
             target.flush()
             del target
@@ -613,6 +665,26 @@ def _write_export(path: Path, meta: dict[str, Any], model: nn.Module, staging: P
     manifest["files"] = checksums.digest_files(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks a complete export
     return manifest
+
+
+def _reserve(file: Path) -> None:
+    """Allocate the blocks of a freshly created (sparse) memory-mapped file up front.
+
+    A store into a mapped page the file system has no block for is a SIGBUS that kills
+    the process with no message (a full disk, a quota); reserved first, a full disk is an
+    OSError naming the file here instead.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(file, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # a file system that cannot reserve
+            return
+        raise OSError(e.errno, os.strerror(e.errno), str(file)) from e
+    finally:
+        os.close(fd)
 
 
 def _export_id_mapping(model: nn.Module, state: dict[str, torch.Tensor], staging: Path) -> dict[str, Any]:

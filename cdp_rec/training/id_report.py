@@ -45,6 +45,35 @@ BINS = 1 << 14
 _GROUPS = ("all", "new", "old")
 
 
+def _state_problem(state: Any) -> str | None:
+    """Why a saved report state is not one :meth:`IdMappingReport.checkpoint_state` writes, or None."""
+    if not isinstance(state, dict):
+        return f"is a {type(state).__name__}, not a dict"
+    if state.get("version") != 1:
+        return f"has version {state.get('version')!r}; this cdp-rec reads version 1"
+
+    def ids(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point() and not v.is_complex()
+
+    checks = {
+        "rows": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+        "seen": ids,
+        "today": ids,
+        "last": lambda v: v is None or isinstance(v, dict),
+        "day": lambda v: v is None or (type(v) is int and v >= 0),
+        "steps": lambda v: type(v) is int and v >= 0,
+        "hist": lambda v: isinstance(v, torch.Tensor) and tuple(v.shape) == (len(_GROUPS), 2, BINS),
+    }
+    for key, ok in checks.items():
+        if key not in state:
+            return f"has no {key!r}"
+        if not ok(state[key]):
+            what = state[key]
+            shown = f"a tensor of shape {list(what.shape)}" if isinstance(what, torch.Tensor) else repr(what)[:60]
+            return f"has an invalid {key!r}: {shown}"
+    return None
+
+
 def binned_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """AUC from per-bin positive / negative counts over ascending score bins (NaN if a class is empty)."""
     p, n = float(pos.sum()), float(neg.sum())
@@ -184,9 +213,13 @@ class IdMappingReport:
     def load_checkpoint_state(self, state: dict[str, Any] | None, global_step: int) -> None:
         """Restore what :meth:`checkpoint_state` saved at ``global_step``; the unfinished day
         is applied by :meth:`resume_at`. None (a checkpoint without a report): start empty."""
-        self._saved = (state, global_step) if isinstance(state, dict) and state.get("version") == 1 else None
+        if state is not None:
+            problem = _state_problem(state)
+            if problem:  # a damaged or foreign states.pt: a KeyError / IndexError later, or a report silently lost
+                raise ValueError(problem)
+        self._saved = (state, global_step) if state is not None else None
         if self._saved is None:
-            if self.active and state is None:
+            if self.active:
                 log.warning("the checkpoint has no id-mapping report: its days before the resume are missing from "
                             "id_mapping_days and the first day counts every item as new")
             return

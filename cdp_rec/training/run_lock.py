@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,7 @@ def _read_holder(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -116,7 +117,11 @@ def _acquire(path: Path, wait_s: float, what: str, advice: str) -> RunLock:
     deadline = time.monotonic() + wait_s
     removed_stale = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO / device: ftruncate below fails with EINVAL
+            os.close(fd)
+            raise RunLockError(f"{path}: the lock file of the {what} is not a regular file (a FIFO, device or "
+                               "socket); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

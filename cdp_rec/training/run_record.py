@@ -117,7 +117,7 @@ def read_metrics(out_dir: Path) -> dict[str, Any] | None:
     """The run directory's ``metrics.json``, or None when absent or unreadable (then not carried over)."""
     try:
         data = json.loads((out_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

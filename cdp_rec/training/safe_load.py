@@ -93,6 +93,8 @@ def load_metadata(file: Path) -> Metadata:
     Raises :class:`UnsafeCheckpointError` (message without the file name) for a refused
     global and for anything that is not intact DCP metadata.
     """
+    if file.exists() and not file.is_file():  # a FIFO or device would block or never end
+        raise UnsafeCheckpointError("not a regular file")
     try:
         with open(file, "rb") as f:
             md = MetadataUnpickler(f).load()

@@ -263,7 +263,14 @@ def resume(checkpointer: Any, trainer: Any, schedule: TrainSchedule, world: int,
         return Resumed(0, Position(), [])
     pos, meta = checkpointer.load(trainer, latest)
     start = pos.global_step
-    if (meta.get("world_size"), meta.get("local_batch_size")) != (world, local_batch_size):
+    same_batches = (meta.get("world_size"), meta.get("local_batch_size")) == (world, local_batch_size)
+    if same_batches and start > schedule.length:
+        from cdp_rec.training.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{latest}/meta.json: 'global_step' is {start}, but this config's schedule has "
+                              f"{schedule.length} steps (a checkpoint of a longer run, or an edited meta.json); "
+                              "set checkpoint.resume=never to start afresh")
+    if not same_batches:
         start = schedule.day_start(start)
         log.warning("resuming a checkpoint of world size %s on %d ranks: restarting its day at step %d "
                     "(exact continuation needs the same world size and batch size)",
