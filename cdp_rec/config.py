@@ -947,6 +947,9 @@ def _apply_override(data: dict[str, Any], override: str, origins: Origins | None
     key = key.strip()
     where = f"--set {key}={raw}"
     parts = key.split(".")
+    if not all(parts):  # "=x", "train.=x", "train..seed=1": "unknown key " would name nothing
+        raise ConfigError(f"{where}: the key {key!r} has an empty part; expected section.key=value, "
+                          "e.g. train.seed=1")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:

@@ -49,6 +49,8 @@ def test_overrides_apply_with_types():
         ("model.diffusion.inference_steps=200", "inference_steps"),
         ("train.progress=maybe", "train.progress must be true or false"),
         ("model", "expected key=value"),
+        ("=x", "the key '' has an empty part"),
+        ("train..seed=1", "the key 'train..seed' has an empty part"),
     ],
 )
 def test_bad_override_names_the_key(override, match):
