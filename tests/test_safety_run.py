@@ -522,15 +522,20 @@ def test_local_cwd_launch_without_the_venv_on_path(tmp_path):
     assert json.loads((tmp_path / "runs" / "np" / "metrics.json").read_text())["model"] == "base"
 
 
-def test_rerunning_a_finished_run_keeps_what_it_measured(small_data, tmp_path):
+def test_rerunning_a_finished_run_keeps_what_it_measured(small_data, tmp_path, caplog):
     """A probe reran a finished run: it resumed at the last step, trained nothing, and
     metrics.json said 0 samples/s and no loss. Each invocation is listed, and the timing of
     the one that trained stays on top."""
-    args = ["train", *_sets(*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}", "train.run_name=r",
-                        "model.name=base", "train.epochs=1", "train.progress=false")]
+    import logging
+
+    sets = [*SMALL, f"data.root={small_data}", f"train.run_dir={tmp_path}", "train.run_name=r",
+            "model.name=base", "train.progress=false"]
+    args = ["train", *_sets(*sets, "train.epochs=1")]
     assert main(args) == 0
     first = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert main(args) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    assert not [r for r in caplog.records if "saved with other settings" in r.getMessage()]
     again = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert first["train_samples_per_s"] > 0 and first["resumed_from_step"] == 0
     assert again["resumed_from_step"] == first["train_steps"]
@@ -540,6 +545,12 @@ def test_rerunning_a_finished_run_keeps_what_it_measured(small_data, tmp_path):
     for key in ("train_seconds", "train_samples_per_s", "final_train_loss"):
         assert again[key] == first[key], key
     assert again["auc"] == first["auc"]
+    # The same run name with more epochs and another lr resumes the finished run: say so, and what changed.
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *_sets(*sets, "train.epochs=2", "train.dense_lr=0.002")]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if "saved with other settings" in r.getMessage()]
+    assert "(train.dense_lr 0.001 -> 0.002; train.epochs 1 -> 2)" in warned, warned
+    assert "but it had finished, so nothing more is trained" in warned
 
 
 def test_training_on_data_generated_with_other_settings_says_so(small_data, caplog):

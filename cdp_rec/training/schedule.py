@@ -18,6 +18,7 @@ same updates when the model is evaluated or saved.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -247,6 +248,27 @@ class Resumed:
     path: Any = None
 
 
+def config_changes(saved: Any, current: dict[str, Any]) -> list[str]:
+    """``["train.epochs 1 -> 2", ...]``: the settings in which a checkpoint's saved config
+    (``meta.json``'s ``config``) differs from ``current``, as dotted keys in sorted order.
+    A run resumed under a fixed ``train.run_name`` / ``checkpoint.dir`` keeps the new values
+    silently otherwise (more epochs on a finished run train nothing; a new lr applies midway)."""
+    if not isinstance(saved, dict):
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+        return out
+
+    # JSON round trip: the saved config holds lists where the dataclasses hold tuples.
+    a, b = flat(saved), flat(json.loads(json.dumps(current)))
+    return [f"{k} {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def resume(checkpointer: Any, trainer: Any, schedule: TrainSchedule, world: int, local_batch_size: int,
            enabled: bool, log: Any) -> Resumed:
     """Load the newest committed checkpoint (``checkpoint.resume=auto``) into ``trainer``.
@@ -275,6 +297,12 @@ def resume(checkpointer: Any, trainer: Any, schedule: TrainSchedule, world: int,
         log.warning("resuming a checkpoint of world size %s on %d ranks: restarting its day at step %d "
                     "(exact continuation needs the same world size and batch size)",
                     meta.get("world_size"), world, start)
+    changed = config_changes(meta.get("config"), trainer.cfg.to_dict())
+    if changed:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        log.warning("resuming %s, which was saved with other settings (%s): the run continues from step %d "
+                    "under this config's%s; checkpoint.resume=never starts afresh", latest, shown, start,
+                    " - but it had finished, so nothing more is trained" if pos.final else "")
     state = meta.get("training_state")
     history: list[dict[str, Any]] = []
     if isinstance(state, dict) and "history" in state:
