@@ -350,6 +350,7 @@ def test_user_tail_mask_holds_out_each_users_last_rows():
     assert abs(int(held.sum()) - 6_000) < 400, int(held.sum())  # binomial sd ~65
     assert not held[0::3].any() and not held[1::3].any()
     assert np.array_equal(held, user_tail_mask(Users(many.tolist()), 0.1))  # the same users every time
+    assert user_tail_mask(Users([]), 0.1).shape == (0,)  # a rank's empty share of a day: nothing held
 
 
 # --------------------------------------------------------------------------- sharded: fused optimizers

@@ -259,3 +259,26 @@ def test_train_applies_the_thread_setting_and_puts_the_previous_one_back(tmp_pat
     assert during and set(during) == {want}
     assert m["threads"] == {"count": want, "source": "train.threads", "detail": ""}
     assert torch.get_num_threads() == before
+
+
+def test_a_training_day_with_fewer_files_than_ranks_is_refused_by_name(tmp_path):
+    """A probe's 2-process run of a small import (one file per day) died with an IndexError on
+    rank 1, which got no file; had it not, the common step count would have been 0."""
+    from cdp_rec.data.loader import DataError
+    from cdp_rec.data.synthetic import generate_dataset
+    from cdp_rec.training.distributed import DistContext
+    from cdp_rec.training.schedule import split_days
+    from cdp_rec.training.trainer import _plan_data
+
+    sets = ["data.samples_per_day=600", "data.rows_per_file=600", "data.row_group_size=300",
+            "data.valid_split=per_user", "data.valid_fraction=0.1"]
+    cfg = load_config(None, sets)
+    generate_dataset(cfg, tmp_path / "data")
+    ctx = DistContext(rank=1, world_size=2, local_rank=1, local_world_size=2, device=torch.device("cpu"),
+                      backend="gloo")
+    with pytest.raises(DataError, match=r"training day 0 has fewer files than the 2 ranks, so rank 1 reads none "
+                                        r"of its rows; write each day in at least 2 files"):
+        _plan_data(cfg, tmp_path / "data", split_days(cfg.data), 64, 64, ctx)
+    # One rank: the same data plans.
+    schedule, *_ = _plan_data(cfg, tmp_path / "data", split_days(cfg.data), 64, 64, None)
+    assert schedule.length > 0

@@ -119,6 +119,8 @@ def user_tail_mask(reader: BatchSource, fraction: float) -> np.ndarray:
     probability 0.3 at 10%), the same users on every run and rank.
     """
     users = np.concatenate([b.user_ids.numpy() for b in reader]) if reader.num_batches() else np.empty(0, np.int64)
+    if users.size == 0:  # a rank's empty share of a day: nothing to hold out (the caller says so)
+        return np.zeros(0, dtype=bool)
     order = np.argsort(users, kind="stable")  # each user's rows together, in reading order
     sorted_users = users[order]
     starts = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1]

@@ -480,6 +480,12 @@ def _plan_data(cfg: JobConfig, root: Path, split: DaySplit, bs: int, eval_bs: in
     train_mask: Any = None
     for d in split.train:
         r = open_reader(cfg, root, d, bs, rank, world)
+        if world > 1 and not r.files:
+            # Ranks share a day's files out one by one; a day of fewer files than ranks leaves
+            # a rank without rows, and the common step count (the smallest rank's) would be 0.
+            raise DataError(f"{root}: training day {d} has fewer files than the {world} ranks, so rank {rank} "
+                            f"reads none of its rows; write each day in at least {world} files (gen-data / import "
+                            f"with --set data.rows_per_file=N, N <= a day's rows / {world}) or train on fewer ranks")
         if d == split.tail_day and split.tail_split == "per_user":
             held = user_tail_mask(r, split.tail_fraction)
             if not held.any() or held.all():
