@@ -13,6 +13,7 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -236,8 +237,18 @@ def _groups(m: dict) -> str:
             f"GAUC {_fmt(m['gauc'])} ({m['num_requests_used']:,} requests{share('num_samples_requests_used')})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """``@FILE`` anywhere on the command line stands for the shell words in FILE (``#``
+    comments allowed), e.g. an import's ``train_args``: ``cdp-rec train --config c.yaml
+    @data/mine/train_args``. That is how a launcher that cannot run ``$(cat FILE)`` (torchx
+    splits its list arguments at commas, which JSON values hold) passes them."""
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cdp-rec", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cdp-rec", description=__doc__.splitlines()[0], fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

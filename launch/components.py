@@ -31,10 +31,13 @@ from torchx.components.dist import ddp
 DEFAULT_IMAGE = "ghcr.io/pytorch/torchx:0.7.0"
 
 
-def _cli_args(command: str, config: str, overrides: Optional[List[str]], gpu: int) -> List[str]:
+def _cli_args(command: str, config: str, overrides: Optional[List[str]], gpu: int,
+              args_file: Optional[str] = None) -> List[str]:
     args = [command, "--config", config]
     if gpu > 0:
         args += ["--set", "sharding.compute_device=cuda"]
+    if args_file:  # cdp-rec reads the file's --set words itself (torchx would split JSON values at commas)
+        args.append(f"@{args_file}")
     for ov in overrides or []:
         args += ["--set", ov]
     return args
@@ -53,6 +56,7 @@ def train(
     max_retries: int = 0,
     mounts: Optional[List[str]] = None,
     name: str = "cdp-rec-train",
+    args_file: Optional[str] = None,
 ) -> specs.AppDef:
     """Distributed ``cdp-rec train``: DMP-sharded tables over nnodes × nproc_per_node ranks.
 
@@ -70,9 +74,11 @@ def train(
             scheduler's retry count where it has one); training resumes from the last checkpoint
         mounts: bind/volume mounts, e.g. type=bind,src=/data,dst=/data
         name: job name
+        args_file: a file of ``--set`` flags applied after the config and before overrides,
+            e.g. the ``train_args`` that ``cdp-rec import`` writes (path inside the image / working directory)
     """
     app = ddp(
-        *_cli_args("train", config, overrides, gpu),
+        *_cli_args("train", config, overrides, gpu, args_file),
         m="cdp_rec.cli",
         image=image,
         name=f"/{name}",  # torchx: "{experiment}/{run}"

@@ -77,3 +77,20 @@ def test_context_columns_are_declared_not_hardcoded(tmp_path):
     p.write_text("features:\n  context_features: {label: 2}\n")
     with pytest.raises(ConfigError, match="context_features.label clashes"):
         load_config(p)
+
+
+def test_cli_reads_set_flags_from_an_at_file(tmp_path, capsys):
+    """``@FILE`` is an import's train_args (shell words, quoted JSON, comments) on any command line."""
+    from cdp_rec.cli import build_parser
+
+    args_file = tmp_path / "train_args"
+    args_file.write_text("--set data.train_days=3 --set 'features.id_mapping={\"user\": \"managed\", "
+                         "\"item\": \"hash\"}'  # written by cdp-rec import\n--set train.epochs=2\n")
+    a = build_parser().parse_args(["train", "--config", "configs/tiny.yaml", f"@{args_file}", "--set", "train.seed=3"])
+    assert a.set == ["data.train_days=3", 'features.id_mapping={"user": "managed", "item": "hash"}',
+                     "train.epochs=2", "train.seed=3"]
+    cfg = load_config(CONFIGS / "tiny.yaml", a.set)
+    assert cfg.features.id_mapping == {"user": "managed", "item": "hash"} and cfg.train.epochs == 2
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", f"@{tmp_path / 'missing'}"])
+    assert e.value.code == 2 and "missing" in capsys.readouterr().err

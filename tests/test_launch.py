@@ -46,15 +46,27 @@ def test_kubernetes_dryrun_prints_volcano_job():
     assert "cdp_rec.cli train --config configs/industrial.yaml" in out
 
 
+def test_train_component_passes_an_args_file_for_cdp_rec_to_read():
+    r = _torchx("--workspace", "", "--dryrun", "-s", "slurm", "launch/components.py:train", "--config",
+                "configs/public-small.yaml", "--args_file", "data/mine/train_args", "--overrides", "model.name=sim")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "train --config configs/public-small.yaml @data/mine/train_args --set model.name=sim" in r.stdout
+
+
 @pytest.mark.slow
 def test_local_cwd_two_processes_train_and_write_metrics(tmp_path):
     overrides = ",".join([
-        f"data.root={tmp_path}/data", f"train.run_dir={tmp_path}/runs", "train.run_name=tx",
-        "data.samples_per_day=20000", "data.rows_per_file=10000", "data.row_group_size=5000",
-        "train.progress=false", "model.name=base", "train.epochs=1",
+        f"train.run_dir={tmp_path}/runs", "train.run_name=tx", "train.progress=false", "model.name=base",
+        "train.epochs=1",
     ])
+    # The data settings come as an import's train_args would: --set words, one a JSON value
+    # with commas (which torchx's --overrides would split), read by cdp-rec itself.
+    args_file = tmp_path / "train_args"
+    args_file.write_text(f"--set data.root={tmp_path}/data --set data.samples_per_day=20000 "
+                         "--set data.rows_per_file=10000 --set data.row_group_size=5000 "
+                         """--set 'features.context_features={"hour": 24, "page": 8}'\n""")
     r = _torchx("-s", "local_cwd", "launch/components.py:train", "--nnodes", "1", "--nproc_per_node", "2",
-                "--config", "configs/tiny.yaml", "--overrides", overrides)
+                "--config", "configs/tiny.yaml", "--args_file", str(args_file), "--overrides", overrides)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     metrics = json.loads((tmp_path / "runs" / "tx" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["model"] == "base"
