@@ -313,6 +313,31 @@ def _table_weights(model: nn.Module, family: str) -> dict[str, tuple[str, torch.
 # ----------------------------------------------------------------------------- writing
 
 
+def _training_id_maps(cfg: JobConfig) -> dict[str, Any] | None:
+    """The training import's dense-id mapping fingerprints (``_dataset.json`` ``ids.mapping_sha256``,
+    see :mod:`cdp_rec.data.importers.id_maps`) for the package's dense-range columns, so ``predict``
+    can refuse rows numbered by another import. None: the data set has none (synthetic data, raw
+    ids, an import before the record) or is not on this machine (a warning)."""
+    from cdp_rec.data.importers.id_maps import dataset_id_maps
+    from cdp_rec.data.spec import DATASET_SPEC_FILE
+
+    path = Path(cfg.data.root) / DATASET_SPEC_FILE
+    if not path.is_file():
+        if Path(cfg.data.root).is_dir():
+            return None
+        log.warning("%s not found: the package records no id mapping of its training data, so predict cannot "
+                    "refuse rows of another import's dense ids", path)
+        return None
+    try:
+        maps = dataset_id_maps(json.loads(path.read_text()))
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("%s: unreadable (%s): the package records no id mapping of its training data", path, e)
+        return None
+    ranges = id_ranges(cfg.features)
+    dense = {c: h for c, h in maps.items() if ranges.get(c) is not None}
+    return {"data_root": str(cfg.data.root), "columns": dense} if dense else None
+
+
 def _versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "numpy", "pyarrow", "cdp-rec"):
@@ -385,6 +410,9 @@ def _write(model: nn.Module, cfg: JobConfig, staging: Path, dtype: str, compile:
         "optional_columns": ["label"],
         "id_ranges": {k: v for k, v in id_ranges(cfg.features).items()},  # None: raw ids (hash / managed)
     }
+    data_maps = _training_id_maps(cfg)
+    if data_maps:
+        spec["data_id_maps"] = data_maps
     (staging / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     manifest: dict[str, Any] = {

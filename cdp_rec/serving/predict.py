@@ -111,6 +111,42 @@ def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Seque
     return ServingReader(input_files(data, days), features, batch_size)
 
 
+def check_id_maps(model: Any, sources: Sequence[tuple[Any, pa.Schema | dict[str, str] | None]]) -> None:
+    """Refuse rows numbered by another import's dense-id mapping than the model's training data
+    (:mod:`cdp_rec.data.importers.id_maps`): ``sources`` are ``(where, Arrow schema or a
+    column -> sha256 record)``. Nothing to check without a record on either side."""
+    from cdp_rec.data.importers.id_maps import mismatch, mismatch_message, schema_id_maps
+
+    want = getattr(model, "data_id_maps", None) or {}
+    if not want:
+        return
+    for where, src in sources:
+        have = schema_id_maps(src, where) if isinstance(src, pa.Schema) or src is None else src
+        col = mismatch(want, have)
+        if col is not None:
+            raise DataError(mismatch_message(where, col, want, have, getattr(model, "root", "?"),
+                                             getattr(model, "trained_on", None)))
+
+
+def _check_input_id_maps(model: Any, data: Path, reader: Any) -> None:
+    from cdp_rec.data.importers.id_maps import dataset_id_maps
+    from cdp_rec.data.spec import DATASET_SPEC_FILE
+
+    if not getattr(model, "data_id_maps", None):
+        return
+    sources: list[tuple[Any, Any]] = []
+    spec_path = Path(data) / DATASET_SPEC_FILE
+    if Path(data).is_dir() and spec_path.is_file():
+        import json
+
+        try:
+            sources.append((spec_path, dataset_id_maps(json.loads(spec_path.read_text()))))
+        except (OSError, ValueError, RecursionError):
+            pass  # check_dataset_spec has read it already; the files' own records still apply
+    sources += [(f, pq.read_schema(f)) for f in getattr(reader, "files", ())]
+    check_id_maps(model, sources)
+
+
 def check_out_is_not_input(out: Path, data: Path, files: Sequence[Path] = ()) -> None:
     """Refuse an ``out`` that is ``data`` itself, lies inside the data root ``data`` being scored
     (followed through links or not), is one of the input ``files`` or sits in a directory of them
@@ -161,6 +197,7 @@ def predict_to_parquet(model: Any, data: Path, out: Path, batch_size: int = 4096
         raise DataError(f"{out}: exists; use --force to replace it")
     reader = open_input(Path(data), model.features, batch_size, days)
     check_out_is_not_input(out, Path(data), getattr(reader, "files", ()))
+    _check_input_id_maps(model, Path(data), reader)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -187,5 +224,7 @@ def predict_to_parquet(model: Any, data: Path, out: Path, batch_size: int = 4096
 def iter_scores(model: Any, data: Path, batch_size: int = 4096,
                 days: Sequence[int] = ()) -> Iterator[tuple[Batch, Any]]:
     """``(batch, scores)`` of every batch of ``data`` (the streaming core of :func:`predict_to_parquet`)."""
-    for batch in open_input(Path(data), model.features, batch_size, days):
+    reader = open_input(Path(data), model.features, batch_size, days)
+    _check_input_id_maps(model, Path(data), reader)
+    for batch in reader:
         yield batch, model.predict(batch)

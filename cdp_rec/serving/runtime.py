@@ -197,8 +197,12 @@ class ServingModel:
     def logits(self, batch: Any) -> torch.Tensor:
         """Logits ``[B]`` float32 (see :meth:`predict`)."""
         if not isinstance(batch, Batch):
-            from cdp_rec.serving.predict import arrow_to_batch
+            import pyarrow as pa
 
+            from cdp_rec.serving.predict import arrow_to_batch, check_id_maps
+
+            if isinstance(batch, (pa.Table, pa.RecordBatch)):
+                check_id_maps(self, [("batch", batch.schema)])
             batch = arrow_to_batch(batch, self.features)
         # Request-deduplicated batches (data.dedup_requests): row b's history is row share[b]'s
         # bag. The data-side step and the lookups then run once per request (CDP, SIM: once per
@@ -361,7 +365,21 @@ def _load(root: Path, manifest: dict[str, Any], native: bool) -> ServingModel:
     dense, fmt = _dense(root, manifest, native)
     if fmt == "exported":
         _check_program_inputs(root, manifest, dense, inputs)
-    return ServingModel(root, manifest, features, tables, ebc, ec, dense, fmt)
+    model = ServingModel(root, manifest, features, tables, ebc, ec, dense, fmt)
+    model.data_id_maps, model.trained_on = _data_id_maps(root, spec)
+    return model
+
+
+def _data_id_maps(root: Path, spec: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """spec.json's ``data_id_maps``: the training import's dense-id mapping per column
+    (:mod:`cdp_rec.data.importers.id_maps`); ({}, None) when the package has none."""
+    rec = spec.get("data_id_maps")
+    if rec is None:
+        return {}, None
+    cols = rec.get("columns") if isinstance(rec, dict) else None
+    if not isinstance(cols, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cols.items()):
+        raise PackageError(f"{root / SPEC}: data_id_maps must be {{'data_root': ..., 'columns': {{column: sha256}}}}")
+    return dict(cols), str(rec.get("data_root"))
 
 
 # ----------------------------------------------------------------------------- cross-checks

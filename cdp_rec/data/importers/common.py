@@ -69,6 +69,7 @@ import yaml
 from cdp_rec.config import FeatureConfig, JobConfig
 from cdp_rec.data import joined as J
 from cdp_rec.data.hashing import fmix64
+from cdp_rec.data.importers.id_maps import mapping_sha256, with_id_maps
 from cdp_rec.data.loader import DataError
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data import spec as spec_module
@@ -922,6 +923,10 @@ class _Importer:
         self.uniq = {k: d.final() for k, d in self.distinct.items()}
         if not self.src.has_query:
             self.uniq["query"] = np.zeros(1, np.int64)
+        # Remapped ids mean something only with this mapping: fingerprint it (id_maps.py) for
+        # _dataset.json and every file's footer, so serving can refuse another import's rows.
+        self.id_map_digests = {_ROLE_NAMES.get(k, k[2:]): mapping_sha256(u) for k, u in self.uniq.items()
+                               if self.opts.remap and (k != "query" or self.src.has_query)}
         self.item_stats.final()
         for s in self.strings.values():
             s.final()
@@ -1034,7 +1039,7 @@ class _Importer:
                 day_dir = self.root / day_dir_name(d)
                 day_dir.mkdir(exist_ok=True)
                 if not any(day_dir.glob("part-*.parquet")):
-                    pq.write_table(schema.empty_table(), day_dir / "part-00000-00000.parquet")
+                    pq.write_table(with_id_maps(schema, self.id_map_digests).empty_table(), day_dir / "part-00000-00000.parquet")
         else:
             J.write_layout(self.root, self.N)
         shutil.rmtree(self.tmp)
@@ -1312,6 +1317,7 @@ class _Importer:
                        "rule": "each user's last floor(f * n) impression events (by ts, log order) are day 1"}),
             "ids": {"remapped": o.remap, "string_hash": ID_HASH, "string_columns": list(self.src.string_roles),
                     "mapping_dir": IDS_DIR if o.remap else None, "trainable": trainable,
+                    **({"mapping_sha256": self.id_map_digests} if o.remap else {}),
                     **({} if o.remap else {
                         "note": "raw ids: a table whose ids are not already row numbers (non-negative, at least "
                                 "half of 0..max used) is a managed-collision table (features.id_mapping) of "
@@ -1480,6 +1486,7 @@ class _DayWriter:
     """One bucket's rows of one day: rows files (rolled at rows_per_file) or one joined impression file."""
 
     def __init__(self, imp: _Importer, day: int, bucket: int, schema: pa.Schema) -> None:
+        schema = with_id_maps(schema, imp.id_map_digests)
         self.imp, self.day, self.bucket, self.schema = imp, day, bucket, schema
         self.joined = imp.opts.layout == "joined"
         self.writer: pq.ParquetWriter | None = None
@@ -1488,7 +1495,8 @@ class _DayWriter:
         self.rg = imp.opts.base.data.row_group_size
         if self.joined:
             self.out_schema = pa.schema([pa.field(J.IMPRESSION_ID, pa.int64(), nullable=False),
-                                         *[f for f in schema if f.name not in (HIST_ITEMS, HIST_CATEGORIES)]])
+                                         *[f for f in schema if f.name not in (HIST_ITEMS, HIST_CATEGORIES)]],
+                                        metadata=schema.metadata)
 
     def _open(self) -> None:
         day_dir = self.imp.root / day_dir_name(self.day)
