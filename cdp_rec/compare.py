@@ -83,9 +83,9 @@ def resolve_models(spec: str) -> list[str]:
     from cdp_rec.models import MODELS
 
     order = list(dict.fromkeys([*TABLE1_ORDER, *TABLE2_ORDER, *MODELS]))
-    if spec.strip() == "all":
-        return [m for m in order if m in MODELS]
     names = [s.strip() for s in spec.split(",") if s.strip()]
+    if "all" in names:  # "all" or "all,base": every model (not "unknown model 'all'; known: all, ...")
+        return [m for m in order if m in MODELS]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise ConfigError(f"--models: unknown model(s) {unknown or [spec]}; known: all, {', '.join(sorted(MODELS))}")
@@ -153,6 +153,12 @@ def measure_inference_ms(cfg: JobConfig, root: Path, reps: int = 5) -> float:
             if i:  # the first call warms up
                 times.append((time.perf_counter() - t0) * 1e3)
     return min(times)
+
+
+def _fmt_metric(value: float | None) -> str:
+    """A run's AUC / UAUC / GAUC for the progress line: ``n/a`` when undefined (a test day of one
+    label has no AUC; no user / request with both labels, no UAUC / GAUC), never a TypeError."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def _fmt(mean: float | None, std: float | None, n: int) -> str:
@@ -303,8 +309,8 @@ def run_compare(
                 m, run_dir = result.metrics, result.run_dir
             ms = measure_inference_ms(cfg, root)
             print(
-                f"[compare] {name} seed {seed}: AUC {m['auc']:.4f} UAUC {m['uauc'] or float('nan'):.4f} "
-                f"GAUC {m['gauc'] or float('nan'):.4f}  {m['train_samples_per_s']:,.0f} samples/s  "
+                f"[compare] {name} seed {seed}: AUC {_fmt_metric(m.get('auc'))} UAUC {_fmt_metric(m.get('uauc'))} "
+                f"GAUC {_fmt_metric(m.get('gauc'))}  {m['train_samples_per_s']:,.0f} samples/s  "
                 f"{ms:.1f} ms/batch  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )

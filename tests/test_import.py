@@ -757,3 +757,35 @@ def test_last_fraction_names_a_test_day_far_below_the_fraction(tmp_path, capsys)
     assert "users with fewer than 5 train only" in out
     run([*args, "--out", str(tmp_path / "b"), "--test-fraction", "0.5"])
     assert "note: the test day" not in capsys.readouterr().out  # 56 of 112 rows
+
+
+def test_request_ids_counted_per_user_are_refused_or_numbered_per_user(tmp_path):
+    """A log whose request column counts each user's searches (0, 1, ...) merged every user's
+    first search into one GAUC group; without --request-scope user it is refused, with it each
+    (user, request) pair is one request."""
+    lines = ["u,i,c,t,r,v"]
+    for u in range(5):
+        for day in range(3):
+            for req in range(2):
+                for k in range(3):
+                    ts = T0 + day * DAY + 3600 * (req + 1) + 60 * k + u
+                    lines.append(f"{u},{10 + k + req},{k},{ts},{day * 2 + req},{int(k == (u + req) % 3)}")
+    src = tmp_path / "log.csv"
+    src.write_text("\n".join(lines) + "\n")
+    args = ["--format", "events", str(src), "--columns", "user=u,item=i,category=c,timestamp=t,request=r,value=v"]
+    with pytest.raises(DataError, match=r"request column: id \d+ \(and \d+ more\) is logged for several users.*"
+                                        r"--request-scope user"):
+        run([*args, "--out", str(tmp_path / "a")])
+    run([*args, "--out", str(tmp_path / "b"), "--request-scope", "user"])
+    rows = read_rows(tmp_path / "b")
+    by_request: dict[int, set] = {}
+    for r in rows:
+        by_request.setdefault(r["request_id"], set()).add((r["user_id"], r["day"]))
+    assert len(by_request) == 5 * 3 * 2  # every (user, search) its own request
+    assert all(len(owners) == 1 for owners in by_request.values())
+    assert spec_of(tmp_path / "b")["requests"]["scope"] == "user"
+    # Ids that are already one user's each are kept as logged.
+    src.write_text("\n".join([lines[0], *[f"{line.rsplit(',', 2)[0]},{int(line.split(',')[0]) * 100 + int(line.split(',')[4])},"
+                                          f"{line.rsplit(',', 1)[1]}" for line in lines[1:]]]) + "\n")
+    run([*args, "--out", str(tmp_path / "c")])
+    assert {r["request_id"] for r in read_rows(tmp_path / "c")} == {u * 100 + q for u in range(5) for q in range(6)}

@@ -157,11 +157,13 @@ def test_dataset_spec_check_lets_raw_id_tables_differ_in_size(dataset):
 
 
 def good_columns(n: int = 20, features: FeatureConfig = FEATURES) -> dict[str, pa.Array]:
-    """A valid ``n``-row data set (row ``r`` has a history of length ``r % 4``)."""
+    """A valid ``n``-row data set (row ``r`` has a history of length ``r % 4``; requests of 4
+    rows, each one user's)."""
     rng = np.random.default_rng(0)
+    request = np.arange(n) // 4
     cols: dict[str, pa.Array] = {
-        "request_id": pa.array(np.arange(n) // 4),
-        "user_id": pa.array(rng.integers(0, features.num_users, n)),
+        "request_id": pa.array(request),
+        "user_id": pa.array(rng.integers(0, features.num_users, n)[request * 4]),
         "query_id": pa.array(rng.integers(0, features.num_queries, n)),
         "item_id": pa.array(rng.integers(0, features.num_items, n)),
         "category_id": pa.array(rng.integers(0, features.num_categories, n)),

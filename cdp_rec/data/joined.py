@@ -86,6 +86,7 @@ from cdp_rec.data.loader import (
     _Columns,
     _open,
     check_data_root,
+    check_dataset_spec,
     check_day_has_rows,
     check_schema,
     dataset_files,
@@ -537,11 +538,15 @@ def open_reader(
     """The reader of ``cfg.data.layout`` for ``days`` of ``root`` (this rank's share).
 
     A root in the other layout is a DataError saying how to convert it, not a
-    confusing schema error further down.
+    confusing schema error further down; a root whose ``_dataset.json`` was written for
+    other features (another vocabulary or ``max_seq_len``: e.g. ``cdp-rec evaluate --data``
+    of another data set, whose ids would fit the tables and score silently) is a DataError
+    naming the key (:func:`~cdp_rec.data.loader.check_dataset_spec`).
     """
     root = Path(root)
     day_list = [days] if isinstance(days, int) else list(days)
     check_data_root(root)
+    check_dataset_spec(root, cfg.features)
     on_disk = "joined" if (root / LAYOUT_FILE).is_file() else "rows"
     if on_disk != cfg.data.layout:
         raise DataError(

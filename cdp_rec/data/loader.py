@@ -380,6 +380,8 @@ class ParquetBatchReader:
             elif name in self._ranges:
                 _check_range(where, name, values, self._ranges[name])
             single[name] = values
+        if "label" in single:  # labelled rows feed GAUC; scoring input (no label column) just passes ids through
+            _check_requests_of_one_user(where, single["request_id"], single["user_id"])
         return single
 
     def _convert(self, where: str, table: pa.Table) -> _Columns:
@@ -665,6 +667,31 @@ def _check_bad(
         raise DataError(
             f"{where}: column '{name}': {int(bad.sum())} {message}, first at row {first} of the "
             f"row group: {label}{values[first]}"
+        )
+
+
+def _check_requests_of_one_user(where: str, request_ids: np.ndarray, user_ids: np.ndarray) -> None:
+    """DataError if a ``request_id`` of the row group is shared by several users.
+
+    A request is one user's search: GAUC groups impressions by ``request_id`` alone, so
+    ids reused across users (a log's per-user request or session counter) would silently
+    merge different users' requests into one group (checked within each row group).
+    """
+    if len(request_ids) < 2:
+        return
+    order = np.argsort(request_ids, kind="stable")
+    req, users = request_ids[order], user_ids[order]
+    bad = np.flatnonzero((req[1:] == req[:-1]) & (users[1:] != users[:-1]))
+    if bad.size:
+        rid = req[bad[0]]
+        rows = np.flatnonzero(request_ids == rid)
+        shared = np.unique(req[bad]).size
+        first_users = list(dict.fromkeys(int(u) for u in user_ids[rows]))[:3]
+        raise DataError(
+            f"{where}: column 'request_id': {shared} request id(s) shared by several users, first {rid} "
+            f"(rows {int(rows[0])} and {int(rows[np.flatnonzero(user_ids[rows] != user_ids[rows[0]])[0]])} of the "
+            f"row group, users {', '.join(map(str, first_users))}): a request is one user's, and GAUC groups by "
+            f"request_id; make the ids unique across users (e.g. number the (user, request) pairs)"
         )
 
 

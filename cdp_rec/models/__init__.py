@@ -82,6 +82,12 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu") -> nn.Module
         cls = MODELS[cfg.model.name]
     except KeyError:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}") from None
+    if cfg.model.ablation != "none" and cfg.model.name != "cdp" and cfg.model.name not in ABLATION_PRESETS:
+        # Only CDP has the switches; another model would train unchanged under the ablation's label.
+        raise ConfigError(
+            f"model.ablation={cfg.model.ablation} switches a part of CDP off; model.name={cfg.model.name} has no "
+            f"such part: use model.name=cdp (or a cdp_no_* preset), or model.ablation=none"
+        )
     model = cls(cfg, device)
     if cfg.data.dedup_requests:
         expand_shared_histories(model)

@@ -52,6 +52,9 @@ def add_import_parser(sub: Any) -> argparse.ArgumentParser:
     t = p.add_argument_group("requests, days and the split")
     t.add_argument("--session-gap", type=int, default=1800,
                    help="seconds between a user's impressions that still belong to one request (default 1800)")
+    t.add_argument("--request-scope", default="global", choices=["global", "user"],
+                   help="the log's request column: global = ids unique across users (kept as logged); user = "
+                        "counted per user (0, 1, ... for every user): each (user, request) pair is numbered")
     t.add_argument("--tz", default="UTC", help="time zone of the calendar days (IANA name, default UTC)")
     t.add_argument("--since", default=None, help="drop events before this local date (YYYY-MM-DD)")
     t.add_argument("--until", default=None, help="drop events after this local date (YYYY-MM-DD, inclusive)")
@@ -145,7 +148,8 @@ def options_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> Any
         history=args.history if args.history is not None else defaults.get("history", "positive"),
         impressions=args.impressions,
         negatives=args.negatives if args.negatives is not None else defaults.get("negatives", 0),
-        sampler=args.sampler, seed=args.seed, session_gap=args.session_gap, tz=args.tz,
+        sampler=args.sampler, seed=args.seed, session_gap=args.session_gap,
+        request_scope=args.request_scope, tz=args.tz,
         split=args.split or defaults.get("split", "days"), train_days=args.train_days, test_days=args.test_days,
         test_fraction=args.test_fraction, since=args.since, until=args.until, buckets=args.buckets,
         allow_uneven_days=args.allow_uneven_days,

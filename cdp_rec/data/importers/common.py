@@ -521,6 +521,7 @@ class ImportOptions:
     sampler: str = "popularity"
     seed: int = 0
     session_gap: int = 1800
+    request_scope: str = "global"  # the log's request ids: global (kept) | user (per-user counters: renumbered)
     tz: str = "UTC"
     split: str = "days"  # days | last-fraction
     train_days: int | None = None
@@ -789,6 +790,8 @@ def _check_options(source: Source, opts: ImportOptions) -> None:
         raise DataError(f"--negatives must be >= 0, got {opts.negatives}")
     if opts.sampler not in SAMPLERS:
         raise DataError(f"--sampler must be one of {list(SAMPLERS)}, got {opts.sampler!r}")
+    if opts.request_scope not in ("global", "user"):
+        raise DataError(f"--request-scope must be global or user, got {opts.request_scope!r}")
     if opts.session_gap < 0:
         raise DataError(f"--session-gap must be >= 0, got {opts.session_gap}")
     if opts.split not in ("days", "last-fraction"):
@@ -1142,7 +1145,24 @@ class _Importer:
         m = np.full(len(rec), -1, np.int64)
         if self.src.has_request:
             raw = rec["request"][imp_idx]
-            m[imp_idx] = raw
+            u = local[imp_idx]
+            if self.opts.request_scope == "user":
+                # Per-user counters: a (user, request) pair is one request, numbered by the log
+                # position of its first impression (unique across buckets: users do not span them).
+                pairs = np.stack([u, raw], axis=1)
+                _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+                m[imp_idx] = rec["seq"][imp_idx][first][inverse.reshape(-1)]
+            else:
+                # GAUC groups by request_id alone: an id under two users would merge their requests.
+                order = np.lexsort((u, raw))
+                r, uu = raw[order], u[order]
+                shared = np.flatnonzero((r[1:] == r[:-1]) & (uu[1:] != uu[:-1]))
+                if shared.size:
+                    raise DataError(
+                        f"request column: id {int(r[shared[0]])} (and {np.unique(r[shared]).size - 1:,} more) is "
+                        "logged for several users, but a request is one user's (GAUC groups impressions by it); "
+                        "if the log counts requests per user, pass --request-scope user")
+                m[imp_idx] = raw
         elif len(imp_idx):
             u, t, d = local[imp_idx], rec["ts"][imp_idx], day[imp_idx]
             new = np.r_[True, (u[1:] != u[:-1]) | (d[1:] != d[:-1]) | (t[1:] - t[:-1] > self.opts.session_gap)]
@@ -1306,7 +1326,10 @@ class _Importer:
                       "impressions": self.rule_imp.text,
                       "history_order": "events strictly before the row's ts, oldest first, equal ts in log order",
                       "negatives": neg},
-            "requests": ({"from": "the log's request column"} if self.src.has_request else
+            "requests": ({"from": "the log's request column", "scope": o.request_scope,
+                          **({"rule": "request_id = log position of the first impression of each (user, "
+                                      "request) pair"} if o.request_scope == "user" else {})}
+                         if self.src.has_request else
                          {"from": "sessions", "session_gap_s": o.session_gap,
                           "rule": "a user's impressions of one day with consecutive gaps <= session_gap_s; "
                                   "request_id = log position of the first"}),
