@@ -220,7 +220,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+    # None: metrics.json's undefined metric; NaN: evaluate's in-memory one (a test day of one label)
+    return "n/a" if x is None or x != x else f"{x:.4f}"
 
 
 def _groups(m: dict) -> str:

@@ -89,6 +89,16 @@ def test_training_day_with_zero_rows(capsys, root, tmp_path):
     assert "data.allow_empty_days" in line
 
 
+def test_every_test_day_empty_is_refused_before_training(capsys, root, tmp_path):
+    """With data.allow_empty_days the empty test day used to pass, the model trained, and
+    scoring it ended in a ValueError traceback ('cannot compute CTR metrics on empty input')."""
+    _empty_day(root, 2)
+    line = run_train(capsys, root, tmp_path, "data.allow_empty_days=true")
+    assert line.endswith("the test day(s) [2] hold 0 rows (data.allow_empty_days skipped them): nothing to score "
+                         "the model on; set data.test_days / data.train_days to days with rows"), line
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
+
+
 def test_empty_day_is_a_warning_when_allowed(root, caplog):
     day_dir = _empty_day(root, 1)
     with pytest.raises(DataError, match=r"day=01 has 0 rows"):

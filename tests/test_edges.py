@@ -144,3 +144,11 @@ def test_scoring_input_may_share_request_ids(tmp_path):
     cols["request_id"] = pa.array(np.zeros(8, np.int64))
     batch = arrow_to_batch(pa.table(cols), FEATURES)
     assert batch.user_ids.tolist() == list(range(8)) and batch.request_ids.tolist() == [0] * 8
+
+
+def test_cli_prints_an_undefined_metric_as_n_a_whether_none_or_nan():
+    from cdp_rec.cli import _fmt, _groups
+
+    assert _fmt(None) == _fmt(float("nan")) == "n/a" and _fmt(0.5) == "0.5000"
+    m = {"uauc": float("nan"), "gauc": None, "num_users_used": 0, "num_requests_used": 0, "num_samples": 10}
+    assert _groups(m) == "UAUC n/a (0 users)  GAUC n/a (0 requests)"

@@ -508,6 +508,10 @@ def _plan_data(cfg: JobConfig, root: Path, split: DaySplit, bs: int, eval_bs: in
         r = open_reader(cfg, root, day, bs, rank, world)
         return MaskedRows(r, train_mask, bs) if day == split.tail_day and train_mask is not None else r
 
+    test_rows = test_reader.num_rows() if ctx is None else all_reduce_int(test_reader.num_rows(), dist.ReduceOp.SUM)
+    if test_rows == 0:  # data.allow_empty_days let every test day through: fail before training, not after
+        raise DataError(f"{root}: the test day(s) {list(split.test)} hold 0 rows (data.allow_empty_days skipped "
+                        "them): nothing to score the model on; set data.test_days / data.train_days to days with rows")
     schedule = TrainSchedule(cfg.train.epochs, split.train, day_steps, cfg.train.max_steps)
     return schedule, reader, valid_reader, test_reader
 
