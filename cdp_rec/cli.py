@@ -147,6 +147,25 @@ def _check_days(args: argparse.Namespace) -> None:
         raise ConfigError(f"--day {repeated[0]} is given more than once; each day is read once")
 
 
+def _check_same_id_mapping(trained_on: Path, data: Path) -> None:
+    """DataError when ``data`` is an import whose dense ids follow another mapping than the
+    import the checkpoint trained on (both ``_dataset.json`` record one; see
+    :mod:`cdp_rec.data.importers.id_maps`): its ids would fit the tables and score silently."""
+    from cdp_rec.data.importers.id_maps import dataset_id_maps, mismatch
+    from cdp_rec.data.loader import DataError, read_json_file
+    from cdp_rec.data.spec import DATASET_SPEC_FILE
+
+    if not (trained_on / DATASET_SPEC_FILE).is_file() or trained_on.resolve() == data.resolve():
+        return  # the training data is not on this machine (or is the data): nothing to compare
+    want = dataset_id_maps(read_json_file(trained_on / DATASET_SPEC_FILE, "data set spec"))
+    have = dataset_id_maps(read_json_file(data / DATASET_SPEC_FILE, "data set spec"))
+    col = mismatch(want, have)
+    if col is not None:
+        raise DataError(f"{data / DATASET_SPEC_FILE}: column '{col}' holds dense ids of another import's mapping "
+                        f"than {trained_on}, which the checkpoint trained on: its ids would look up other ids' "
+                        "rows; score rows imported together with the training log")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the test days of a data set with a checkpoint (any world size wrote it)."""
     from cdp_rec.data.joined import open_reader
@@ -156,6 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_days(args)
     model, cfg = load_unsharded(Path(args.checkpoint), args.set)
     root = Path(args.data or cfg.data.root)
+    if args.data:
+        _check_same_id_mapping(Path(cfg.data.root), root)
     days = args.day if args.day else list(range(cfg.data.train_days, cfg.data.train_days + cfg.data.test_days))
     trainer = Trainer(cfg, None, model=model)
     m = trainer.evaluate(open_reader(cfg, root, days, cfg.train.eval_batch_size))

@@ -127,3 +127,16 @@ def test_predict_refuses_rows_of_another_imports_dense_ids(imports, tmp_path, ca
     assert scores.shape == (table.num_rows,) and bool(torch.isfinite(scores).all())
     ok = pq.read_table(tmp_path / "ok.parquet").column("score").to_numpy()
     assert len(ok) and np.isfinite(ok).all()
+
+
+def test_evaluate_refuses_data_of_another_imports_dense_ids(imports):
+    """cdp-rec evaluate --data: the import the checkpoint trained on (its config's data.root)
+    against the one given, when both record a mapping."""
+    from cdp_rec.cli import _check_same_id_mapping
+
+    _check_same_id_mapping(imports["a"], imports["a_again"])  # the same log: the same mapping
+    _check_same_id_mapping(imports["a"], imports["a_raw"])  # raw ids: nothing recorded, nothing to compare
+    _check_same_id_mapping(imports["a"].parent / "gone", imports["b"])  # training data not on this machine
+    with pytest.raises(DataError, match=r"b/_dataset\.json: column '\w+' holds dense ids of another import's "
+                                        r"mapping than .*/a, which the checkpoint trained on"):
+        _check_same_id_mapping(imports["a"], imports["b"])
