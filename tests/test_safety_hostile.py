@@ -35,6 +35,7 @@ from cdp_rec.training.checkpoint import (
     read_meta,
     verify_files,
 )
+from os_helpers import mount_tmpfs, umount
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -239,21 +240,11 @@ def test_checkpoint_save_over_the_file_size_limit_names_the_os_reason(tmp_path):
     assert msg.endswith(os.strerror(errno.EFBIG)), msg
 
 
-def _mount_tmpfs(where: Path, size: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-
-
 def test_export_onto_a_full_disk_is_one_line_not_sigbus(ckpt, tmp_path):
     # The tables are memory-mapped sparse files: a store into a page with no block behind it
     # killed the process with SIGBUS (exit 135, no message) and left <out>.tmp-<pid> behind.
     mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "400k")  # the default config's tables need ~650 KB
+    mount_tmpfs(mnt, "400k")  # the default config's tables need ~650 KB
     try:
         out = mnt / "art"
         r = subprocess.run([sys.executable, "-m", "cdp_rec.cli", "export", "--checkpoint", str(ckpt), "--out",
@@ -264,7 +255,7 @@ def test_export_onto_a_full_disk_is_one_line_not_sigbus(ckpt, tmp_path):
         assert ".npy" in last
         assert sorted(p.name for p in mnt.iterdir()) == []  # the staging directory is gone
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        umount(mnt)
 
 
 def test_export_still_writes_every_table(ckpt, tmp_path):

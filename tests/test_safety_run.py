@@ -26,6 +26,7 @@ import pytest
 
 from cdp_rec.cli import main
 from cdp_rec.config import load_config
+from os_helpers import mount_tmpfs, umount
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -365,23 +366,9 @@ def test_loss_guard_rules():
 # --------------------------------------------------------------------------- OS errors at the CLI
 
 
-def _mount_tmpfs(where: Path, size: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-
-
-def _umount(where: Path) -> None:
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
 def test_full_disk_is_one_line_naming_the_directory(tmp_path, capsys):
     mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "2m")
+    mount_tmpfs(mnt, "2m")
     try:
         (mnt / "mine.bin").write_bytes(os.urandom(1024 * 1024 + 512 * 1024))  # the user's file: 1.5 of 2 MiB
         before = _snapshot(mnt)
@@ -394,17 +381,17 @@ def test_full_disk_is_one_line_naming_the_directory(tmp_path, capsys):
         assert str(out) in line and os.strerror(errno.ENOSPC) in line
         assert {k: v for k, v in _snapshot(mnt).items() if not k.startswith("data")} == before
     finally:
-        _umount(mnt)
+        umount(mnt)
 
 
 def test_read_only_directory_is_one_line_naming_the_file(tmp_path, capsys):
     ro = tmp_path / "ro"
     if os.geteuid() == 0:  # root writes through chmod: use a read-only tmpfs instead
-        _mount_tmpfs(ro, "1m")
+        mount_tmpfs(ro, "1m")
         (ro / "mine.txt").write_text("keep\n")
         r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True)
         if r.returncode != 0:
-            _umount(ro)
+            umount(ro)
             pytest.skip(f"cannot remount the tmpfs read-only: {r.stderr.strip()}")
         cause = os.strerror(errno.EROFS)
     else:
@@ -424,7 +411,7 @@ def test_read_only_directory_is_one_line_naming_the_file(tmp_path, capsys):
         assert _snapshot(ro) == before
     finally:
         if os.geteuid() == 0:
-            _umount(ro)
+            umount(ro)
         else:
             ro.chmod(0o755)
 
