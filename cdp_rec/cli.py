@@ -150,8 +150,8 @@ def _check_days(args: argparse.Namespace) -> None:
 def _check_same_id_mapping(trained_on: Path, data: Path) -> None:
     """DataError when ``data`` is an import whose dense ids follow another mapping than the
     import the checkpoint trained on (both ``_dataset.json`` record one; see
-    :mod:`cdp_rec.data.importers.id_maps`): its ids would fit the tables and score silently."""
-    from cdp_rec.data.importers.id_maps import dataset_id_maps, mismatch
+    :mod:`cdp_rec.data.id_maps`): its ids would fit the tables and score silently."""
+    from cdp_rec.data.id_maps import dataset_id_maps, mismatch
     from cdp_rec.data.loader import DataError, read_json_file
     from cdp_rec.data.spec import DATASET_SPEC_FILE
 

@@ -21,7 +21,7 @@ import torch
 
 from cdp_rec.config import load_config
 from cdp_rec.data.importers.cli import add_import_parser
-from cdp_rec.data.importers.id_maps import METADATA_KEY, file_id_maps, mapping_sha256
+from cdp_rec.data.id_maps import METADATA_KEY, file_id_maps, mapping_sha256
 from cdp_rec.data.loader import DataError
 
 DAY_MS = 86_400_000

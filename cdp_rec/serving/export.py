@@ -315,10 +315,10 @@ def _table_weights(model: nn.Module, family: str) -> dict[str, tuple[str, torch.
 
 def _training_id_maps(cfg: JobConfig) -> dict[str, Any] | None:
     """The training import's dense-id mapping fingerprints (``_dataset.json`` ``ids.mapping_sha256``,
-    see :mod:`cdp_rec.data.importers.id_maps`) for the package's dense-range columns, so ``predict``
+    see :mod:`cdp_rec.data.id_maps`) for the package's dense-range columns, so ``predict``
     can refuse rows numbered by another import. None: the data set has none (synthetic data, raw
     ids, an import before the record) or is not on this machine (a warning)."""
-    from cdp_rec.data.importers.id_maps import dataset_id_maps
+    from cdp_rec.data.id_maps import dataset_id_maps
     from cdp_rec.data.spec import DATASET_SPEC_FILE
 
     path = Path(cfg.data.root) / DATASET_SPEC_FILE

@@ -113,9 +113,9 @@ def open_input(data: Path, features: FeatureConfig, batch_size: int, days: Seque
 
 def check_id_maps(model: Any, sources: Sequence[tuple[Any, pa.Schema | dict[str, str] | None]]) -> None:
     """Refuse rows numbered by another import's dense-id mapping than the model's training data
-    (:mod:`cdp_rec.data.importers.id_maps`): ``sources`` are ``(where, Arrow schema or a
+    (:mod:`cdp_rec.data.id_maps`): ``sources`` are ``(where, Arrow schema or a
     column -> sha256 record)``. Nothing to check without a record on either side."""
-    from cdp_rec.data.importers.id_maps import mismatch, mismatch_message, schema_id_maps
+    from cdp_rec.data.id_maps import mismatch, mismatch_message, schema_id_maps
 
     want = getattr(model, "data_id_maps", None) or {}
     if not want:
@@ -129,7 +129,7 @@ def check_id_maps(model: Any, sources: Sequence[tuple[Any, pa.Schema | dict[str,
 
 
 def _check_input_id_maps(model: Any, data: Path, reader: Any) -> None:
-    from cdp_rec.data.importers.id_maps import dataset_id_maps
+    from cdp_rec.data.id_maps import dataset_id_maps
     from cdp_rec.data.spec import DATASET_SPEC_FILE
 
     if not getattr(model, "data_id_maps", None):

@@ -372,7 +372,7 @@ def _load(root: Path, manifest: dict[str, Any], native: bool) -> ServingModel:
 
 def _data_id_maps(root: Path, spec: dict[str, Any]) -> tuple[dict[str, str], str | None]:
     """spec.json's ``data_id_maps``: the training import's dense-id mapping per column
-    (:mod:`cdp_rec.data.importers.id_maps`); ({}, None) when the package has none."""
+    (:mod:`cdp_rec.data.id_maps`); ({}, None) when the package has none."""
     rec = spec.get("data_id_maps")
     if rec is None:
         return {}, None

@@ -69,7 +69,7 @@ import yaml
 from cdp_rec.config import FeatureConfig, JobConfig
 from cdp_rec.data import joined as J
 from cdp_rec.data.hashing import fmix64
-from cdp_rec.data.importers.id_maps import mapping_sha256, with_id_maps
+from cdp_rec.data.id_maps import mapping_sha256, with_id_maps
 from cdp_rec.data.loader import DataError
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data import spec as spec_module
