@@ -208,7 +208,6 @@ def test_history_is_the_last_L_strictly_before_the_impression_in_log_order(tmp_p
 
 def test_parts_that_cannot_be_seen_are_not_read(tmp_path):
     """Later parts (min ts >= the last impression) and parts older than L behaviours are skipped."""
-    J.write_layout(tmp_path, 1)
     bad_items = S.Behaviours(np.array([5]), np.array([1]), np.array([10**9]), np.array([0]))  # out of range
     J.write_behaviour_part(tmp_path, 0, 0, bad_items, row_group_size=2)
     J.write_behaviour_part(tmp_path, 0, 1, S.Behaviours(*(np.array(v) for v in ([5] * 3, [2, 3, 4], [1, 2, 3],
@@ -216,6 +215,7 @@ def test_parts_that_cannot_be_seen_are_not_read(tmp_path):
     future = S.Behaviours(np.array([5]), np.array([500]), np.array([10**9]), np.array([0]))
     J.write_behaviour_part(tmp_path, 0, 2, future, row_group_size=2)
     J.write_impressions(tmp_path, 0, _impressions([5], [100]), FEATURES, 1, row_group_size=3)
+    J.write_layout(tmp_path, 1)  # last, as the writers do: it lists the behaviour parts
     (batch,) = list(J.JoinedBatchReader(tmp_path, 0, FEATURES, 100))
     assert batch.sparse[HIST_ITEMS].values().tolist() == [1, 2, 3]
     # An impression at ts 4 needs the older part, and its bad ids are reported.
@@ -440,3 +440,70 @@ def test_plan_storage_measures_both_layouts(capsys):
     e = json.loads(capsys.readouterr().out)
     assert e["joined_total"] < 0.4 * e["rows_total"]
     assert e["joined_impression_bytes_per_impression"] < 0.05 * e["rows_bytes_per_impression"]
+
+
+# --------------------------------------------------------------------------- hostile layouts
+
+
+def test_convert_refuses_a_destination_inside_the_source_or_around_it(roots, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(roots["rows"], src)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    cfg = small_config("joined")
+    for dst in (src / "j", src / "day=00" / "j"):  # inside: a stray entry in the source's day
+        with pytest.raises(DataError, match=r"destination and source .* must not lie inside one another"):
+            convert(cfg, src, dst, "joined")
+    with pytest.raises(DataError, match=r"must not lie inside one another"):
+        convert(cfg, src, tmp_path, "joined", force=True)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # nothing created in the source
+
+
+def test_a_day_in_the_other_layout_is_an_error_not_left_out(roots, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(roots["joined"], mixed)
+    shutil.copytree(roots["rows"] / "day=02", mixed / "day=03")
+    with pytest.raises(DataError, match=r"day=03: holds part-\*\.parquet files of the other layout, not the "
+                                        r"bucket=\*\.parquet files of the joined-layout data set"):
+        convert(small_config("rows"), mixed, tmp_path / "out", "rows")
+    rows = tmp_path / "rows"
+    shutil.copytree(roots["rows"], rows)
+    shutil.copytree(roots["joined"] / "day=02", rows / "day=03")
+    with pytest.raises(DataError, match=r"day=03: holds bucket=\*\.parquet files of the other layout"):
+        convert(small_config("joined"), rows, tmp_path / "out2", "joined")
+    shutil.rmtree(rows / "day=03")
+    (rows / "day=03").mkdir()
+    with pytest.raises(DataError, match=r"day=03: holds no files, not the part-\*\.parquet files"):
+        J.layout_days(rows, "rows")
+    (rows / "day=03").rmdir()
+    (rows / "day=3x").mkdir()
+    with pytest.raises(DataError, match=r"day=3x: not a day directory \(day=NN\)"):
+        J.layout_days(rows, "rows")
+
+
+def test_a_missing_behaviour_part_is_an_error_not_shorter_histories(roots, tmp_path):
+    layout = json.loads((roots["joined"] / J.LAYOUT_FILE).read_text())
+    assert layout[J.BEHAVIOUR_PARTS] == J._behaviour_parts(roots["joined"], 4) and all(layout[J.BEHAVIOUR_PARTS])
+    cfg = small_config("joined")
+    gone = tmp_path / "gone"
+    shutil.copytree(roots["joined"], gone)
+    shutil.rmtree(J.behaviour_dir(gone, 1))  # a whole bucket's log
+    with pytest.raises(DataError, match=r"behaviors/bucket=0001/part-00000\.parquet: behaviour file missing "
+                                        r"\(_layout\.json lists \d+ part\(s\) for bucket 1\)"):
+        list(J.JoinedBatchReader(gone, DAYS, cfg.features, 10**6))
+    with pytest.raises(DataError, match=r"bucket=0001/part-00000\.parquet: behaviour file missing"):
+        convert(small_config("rows"), gone, tmp_path / "rows", "rows")
+    part = tmp_path / "part"
+    shutil.copytree(roots["joined"], part)
+    J.behaviour_file(part, 2, 2).unlink()  # one day's part
+    with pytest.raises(DataError, match=r"bucket=0002/part-00002\.parquet: behaviour file missing"):
+        list(J.JoinedBatchReader(part, DAYS, cfg.features, 10**6))
+    shutil.copy(J.behaviour_file(roots["joined"], 2, 2), J.behaviour_file(part, 2, 2))  # restored
+    shutil.copy(J.behaviour_file(part, 2, 1), J.behaviour_file(part, 2, 9))  # one written afterwards
+    with pytest.raises(DataError, match=r"bucket=0002/part-00009\.parquet: behaviour file not listed in _layout\.json"):
+        list(J.JoinedBatchReader(part, DAYS, cfg.features, 10**6))
+    # A data set written before the listing was recorded is read as before.
+    legacy = json.loads((part / J.LAYOUT_FILE).read_text())
+    del legacy[J.BEHAVIOUR_PARTS]
+    (part / J.LAYOUT_FILE).write_text(json.dumps(legacy))
+    J.behaviour_file(part, 2, 9).unlink()
+    assert sum(len(b) for b in J.JoinedBatchReader(part, DAYS, cfg.features, 10**6)) == 3 * 3_000

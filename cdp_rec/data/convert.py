@@ -73,6 +73,9 @@ def convert(cfg: JobConfig, src: str | Path, dst: str | Path, to: str, force: bo
         raise DataError(f"{src}: source data root not found")
     if src.resolve() == dst.resolve():
         raise DataError(f"{dst}: destination must differ from the source")
+    if dst.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(dst.resolve()):
+        # Inside: its files would join the source (a stray entry in a day) or be replaced by it.
+        raise DataError(f"{dst}: destination and source {src} must not lie inside one another")
     have = "joined" if J.read_layout(src) is not None else "rows"
     if have == to:
         raise DataError(f"{src}: already in the {to} layout")

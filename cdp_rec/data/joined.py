@@ -9,7 +9,10 @@ On-disk layout (``N = data.num_user_buckets``, ``bucket(u) = fmix64(u) mod N`` w
 ``fmix64`` MurmurHash3's 64-bit finalizer on the id as uint64, see :func:`user_bucket`)::
 
     <root>/_layout.json                      {"layout": "joined", "num_user_buckets": N,
-                                              "bucket_hash": "murmur3-fmix64", "version": 1}
+                                              "bucket_hash": "murmur3-fmix64", "version": 1,
+                                              "behaviour_parts": [[P, ...] per bucket]}  (written
+                                             last; readers refuse a listed part that is missing or
+                                             an unlisted one; absent in older data sets: unchecked)
     <root>/_dataset.json                     synthetic data only, as for the per-row layout
     <root>/day=DD/bucket=BBBB.parquet        impressions of day DD whose user is in bucket BBBB
     <root>/behaviors/bucket=BBBB/part-PPPPP.parquet
@@ -90,6 +93,7 @@ from cdp_rec.data.loader import (
     check_day_has_rows,
     check_schema,
     dataset_files,
+    is_ignored_name,
     read_json_file,
     refuse_stray_entries,
     row_groups,
@@ -101,6 +105,7 @@ LAYOUT_FILE = "_layout.json"
 LAYOUT_VERSION = 1
 BUCKET_HASH = "murmur3-fmix64"
 BEHAVIORS_DIR = "behaviors"
+BEHAVIOUR_PARTS = "behaviour_parts"  # _layout.json: each bucket's behaviour part numbers
 IMPRESSION_ID = "impression_id"
 BEHAVIOUR_COLUMNS = ("user_id", "ts", "item_id", "category_id")
 # Behaviour files: ts ascends within a user, so its deltas (minutes) pack into ~2 bytes
@@ -169,12 +174,46 @@ def read_layout(root: str | Path) -> dict[str, Any] | None:
             f"{path}: bucket_hash {spec.get('bucket_hash')!r} / version {spec.get('version')!r} "
             f"not supported (this reader: {BUCKET_HASH!r} / {LAYOUT_VERSION})"
         )
+    parts = spec.get(BEHAVIOUR_PARTS)  # absent in data sets written before it was recorded
+    if parts is not None and not (
+        isinstance(parts, list) and len(parts) == n
+        and all(isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p) for p in parts)
+    ):
+        raise DataError(f"{path}: {BEHAVIOUR_PARTS} must be {n} lists of part numbers (one per bucket)")
     return spec
 
 
+def _behaviour_parts(root: Path, num_buckets: int) -> list[list[int]]:
+    """Each bucket's behaviour part numbers on disk, ascending."""
+    out = []
+    for b in range(num_buckets):
+        folder = behaviour_dir(root, b)
+        names = folder.glob("part-*.parquet") if folder.is_dir() else []
+        out.append(sorted(int(p.name[5:-8]) for p in names if p.name[5:-8].isdigit()))
+    return out
+
+
+def check_behaviour_parts(folder: Path, bucket: int, parts: list[Path], recorded: list[int] | None) -> None:
+    """The bucket's part files are the ones ``_layout.json`` lists: a missing (or added) part
+    would silently shorten (or change) histories."""
+    if recorded is None:
+        return
+    want = [f"part-{p:05d}.parquet" for p in recorded]
+    have = [p.name for p in parts]
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise DataError(f"{folder / missing[0]}: behaviour file missing ({LAYOUT_FILE} lists {len(want)} part(s) "
+                        f"for bucket {bucket}); histories would silently lose its behaviours")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise DataError(f"{folder / extra[0]}: behaviour file not listed in {LAYOUT_FILE} (written after the "
+                        "data set was; rewrite the data set)")
+
+
 def write_layout(root: Path, num_buckets: int) -> None:
+    """Written last by every joined writer: it records each bucket's behaviour parts (checked on reading)."""
     spec = {"layout": "joined", "num_user_buckets": num_buckets, "bucket_hash": BUCKET_HASH,
-            "version": LAYOUT_VERSION}
+            "version": LAYOUT_VERSION, BEHAVIOUR_PARTS: _behaviour_parts(Path(root), num_buckets)}
     tmp = Path(root) / (LAYOUT_FILE + ".tmp")
     tmp.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     tmp.replace(Path(root) / LAYOUT_FILE)
@@ -188,16 +227,26 @@ def remove_joined_artifacts(root: Path) -> None:
 
 
 def layout_days(root: str | Path, layout: str) -> list[int]:
-    """Days present under ``root`` in ``layout`` (day directories holding that layout's files)."""
-    pattern = "bucket=*.parquet" if layout == "joined" else "part-*.parquet"
+    """Days present under ``root`` in ``layout`` (day directories holding that layout's files).
+
+    Every ``day=*`` entry must be one (names :func:`is_ignored_name` accepts aside): one
+    that is not a directory named ``day=<int>``, or holds none of the layout's files (the
+    other layout's, or nothing), is a DataError naming it, never a day silently left out
+    of what is converted or scored."""
+    pattern, other = ("bucket=*.parquet", "part-*.parquet") if layout == "joined" else ("part-*.parquet",
+                                                                                        "bucket=*.parquet")
     days = []
-    for d in Path(root).glob("day=*"):
-        try:
-            day = int(d.name[4:])
-        except ValueError:
+    for d in sorted(Path(root).glob("day=*")):
+        if is_ignored_name(d.name):
             continue
-        if d.is_dir() and any(d.glob(pattern)):
-            days.append(day)
+        if not d.name[4:].isdigit() or not d.is_dir():
+            raise DataError(f"{d}: not a day directory (day=NN) of the {layout}-layout data set {root}; "
+                            "move or rename it")
+        if not any(d.glob(pattern)):
+            found = f"{other} files of the other layout" if any(d.glob(other)) else "no files"
+            raise DataError(f"{d}: holds {found}, not the {pattern} files of the {layout}-layout data set "
+                            f"{root}; a day must be in the data set's layout")
+        days.append(int(d.name[4:]))
     return sorted(days)
 
 
@@ -370,6 +419,7 @@ class JoinedBatchReader(ParquetBatchReader):
                 "write one with `cdp-rec gen-data --layout joined` or `cdp-rec convert --to joined`"
             )
         self.num_buckets: int = layout["num_user_buckets"]
+        self._behaviour_parts: list[list[int]] | None = layout.get(BEHAVIOUR_PARTS)
         self.days = [days] if isinstance(days, int) else [int(d) for d in days]
         self.buckets = list(range(rank, self.num_buckets, world_size))
         if not self.buckets:
@@ -451,6 +501,7 @@ class JoinedBatchReader(ParquetBatchReader):
         L = self.features.max_seq_len
         folder = behaviour_dir(self.root, bucket)
         parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        check_behaviour_parts(folder, bucket, parts, self._behaviour_parts[bucket] if self._behaviour_parts else None)
         uniq, inv = np.unique(users, return_inverse=True)
         U = len(uniq)
         first_ts = np.full(U, np.iinfo(np.int64).max)

@@ -83,6 +83,12 @@ def export_serving(checkpoint: Path, out: Path, dtype: str = "fp32", compile: st
 
     out = Path(out)
     _check_choices(dtype, compile)
+    ck, dst = Path(checkpoint).resolve(), out.resolve()
+    if dst.is_relative_to(ck) or ck.is_relative_to(dst):
+        # Checkpoint pruning (checkpoint.keep_last) would delete a package inside it, and
+        # --force would replace a checkpoint inside the package.
+        raise PackageError(f"{out}: the package and the checkpoint {checkpoint} must not lie inside one another; "
+                           "export to a directory outside the checkpoint")
     check_export_target(out, force)  # before the work, which can take long
     model, cfg = load_unsharded(Path(checkpoint))
     meta = read_meta(Path(checkpoint))
