@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from cdp_rec.cli import main
-from cdp_rec.config import JobConfig
 from cdp_rec.training import checkpoint as ck
 from cdp_rec.training.checkpoint import CheckpointError, Checkpointer, Position, export, load_unsharded, read_meta
 from cdp_rec.training.safe_load import (
@@ -37,39 +35,9 @@ from cdp_rec.training.safe_load import (
     load_metadata,
 )
 from bench._common import free_port
+from checkpoint_helpers import base_config, base_trainer, ckpt, saved  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _config() -> JobConfig:
-    cfg = JobConfig()
-    cfg.model.name = "base"
-    return cfg
-
-
-def _trainer() -> Any:
-    from cdp_rec.training.trainer import Trainer
-
-    return Trainer(_config(), None)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    """One legitimate single-process checkpoint; tests work on copies of it."""
-    trainer = _trainer()
-    with torch.no_grad():
-        for p in trainer.module.parameters():
-            p.add_(0.01)  # off the seeded init, so a load that silently did nothing would show
-    trainer.optimizer.init_state()
-    return Checkpointer(tmp_path_factory.mktemp("safety") / "ck", 1).save(trainer, Position(3, 768),
-                                                                        {"local_batch_size": 256})
-
-
-@pytest.fixture
-def ckpt(saved: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ck" / saved.name
-    shutil.copytree(saved, dst)
-    return dst
 
 
 class _OpenFile:
@@ -140,7 +108,7 @@ def test_foreign_pickle_in_metadata_runs_nothing(ckpt, tmp_path, payload, global
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         export(ckpt, tmp_path / "art")
     with pytest.raises(CheckpointError, match="refused to unpickle"):
-        Checkpointer(ckpt.parent, 1).load(_trainer(), ckpt)
+        Checkpointer(ckpt.parent, 1).load(base_trainer(), ckpt)
     assert not marker.exists() and not (tmp_path / "art").exists()
 
 
@@ -219,7 +187,7 @@ def test_legit_checkpoint_records_every_file_and_loads(saved, ckpt):
     for name, rec in meta["files"].items():
         assert rec == {"size": (saved / name).stat().st_size, "sha256": _sha256(saved / name)}, name
     model, _ = load_unsharded(ckpt)
-    trainer = _trainer()
+    trainer = base_trainer()
     pos, _ = Checkpointer(ckpt.parent, 1).load(trainer, ckpt)
     assert pos == Position(3, 768, False)
     for k, v in model.state_dict().items():
@@ -231,7 +199,7 @@ def test_truncated_shard_is_refused_before_loading(ckpt):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 64])  # the tail: optimizer state, which DCP would not miss
     with pytest.raises(CheckpointError) as e:
-        Checkpointer(ckpt.parent, 1).load(_trainer(), ckpt)
+        Checkpointer(ckpt.parent, 1).load(base_trainer(), ckpt)
     assert _one_line(str(e.value)) == (f"{shard}: cannot read checkpoint: is {len(data) - 64} bytes but "
                                        f"{len(data)} were saved (truncated or changed after the save)")
 
@@ -276,7 +244,7 @@ def test_checkpoint_without_digests_loads_with_a_warning(ckpt, caplog):
 ], ids=["not-json", "not-text", "array"])
 def test_unparsable_meta_is_one_line(ckpt, content, match):
     (ckpt / "meta.json").write_bytes(content)
-    for load in (load_unsharded, lambda p: Checkpointer(p.parent, 1).load(_trainer(), p)):
+    for load in (load_unsharded, lambda p: Checkpointer(p.parent, 1).load(base_trainer(), p)):
         with pytest.raises(CheckpointError, match=match) as e:
             load(ckpt)
         _one_line(str(e.value))
@@ -291,7 +259,7 @@ def test_unparsable_meta_is_one_line(ckpt, content, match):
 def test_meta_without_a_key_is_one_line(ckpt, changes, match):
     _edit_meta(ckpt, **changes)
     with pytest.raises(CheckpointError, match=match):
-        Checkpointer(ckpt.parent, 1).load(_trainer(), ckpt)
+        Checkpointer(ckpt.parent, 1).load(base_trainer(), ckpt)
     with pytest.raises(CheckpointError, match=match):
         export(ckpt, ckpt.parent / "art")
     assert main(["evaluate", "--checkpoint", str(ckpt)]) == 2
@@ -308,7 +276,7 @@ def test_corrupt_rng_file_on_resume_is_one_line(ckpt, content, match):
         content = buf.getvalue()
     _rewrite(ckpt, "rng-rank0.pt", content)
     with pytest.raises(CheckpointError, match=match) as e:
-        Checkpointer(ckpt.parent, 1).load(_trainer(), ckpt)
+        Checkpointer(ckpt.parent, 1).load(base_trainer(), ckpt)
     _one_line(str(e.value))
 
 
@@ -377,7 +345,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     ctx = init_from_env("cpu")
     try:
-        cfg = _config()
+        cfg = base_config()
         cfg.sharding.constraints = {"item": "row_wise", "user": "row_wise"}
         trainer = Trainer(cfg, ctx)
         trainer.optimizer.init_state()

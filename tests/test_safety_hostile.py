@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from cdp_rec.config import ConfigError, JobConfig, load_config
+from cdp_rec.config import ConfigError, load_config
 from cdp_rec.training.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -35,32 +35,10 @@ from cdp_rec.training.checkpoint import (
     read_meta,
     verify_files,
 )
+from checkpoint_helpers import base_trainer, ckpt, saved  # noqa: F401 (fixtures)
 from os_helpers import mount_tmpfs, umount
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _trainer() -> Any:
-    from cdp_rec.training.trainer import Trainer
-
-    cfg = JobConfig()
-    cfg.model.name = "base"
-    return Trainer(cfg, None)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    trainer = _trainer()
-    trainer.optimizer.init_state()
-    return Checkpointer(tmp_path_factory.mktemp("hostile") / "ck", 1).save(trainer, Position(3, 768),
-                                                                         {"local_batch_size": 256})
-
-
-@pytest.fixture
-def ckpt(saved: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ck" / saved.name
-    shutil.copytree(saved, dst)
-    return dst
 
 
 @contextmanager
@@ -140,7 +118,7 @@ def test_meta_counts_out_of_range_are_refused(ckpt, changes, match):
         read_meta(ckpt)
     _one_line(str(e.value))
     with pytest.raises(CheckpointError, match=match):
-        Checkpointer(ckpt.parent, 1).load(_trainer(), ckpt)
+        Checkpointer(ckpt.parent, 1).load(base_trainer(), ckpt)
 
 
 def test_deeply_nested_meta_json_is_one_line(ckpt):
@@ -226,7 +204,7 @@ def test_checkpoint_entry_that_is_a_directory_says_so(ckpt):
 def test_checkpoint_save_over_the_file_size_limit_names_the_os_reason(tmp_path):
     # torch's writers report "unexpected pos 704 vs 598"; the OSError (EFBIG here, ENOSPC on a
     # full disk) is only in the exception's context. Python ignores SIGXFSZ, so writes get EFBIG.
-    trainer = _trainer()
+    trainer = base_trainer()
     trainer.optimizer.init_state()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
@@ -371,7 +349,7 @@ def test_predict_directory_with_a_file_it_would_not_read_is_refused(tmp_path):
 def saved_with_report(tmp_path_factory) -> Path:
     from cdp_rec.training.id_report import IdMappingReport
 
-    trainer = _trainer()
+    trainer = base_trainer()
     trainer.optimizer.init_state()
     ckpt = Checkpointer(tmp_path_factory.mktemp("report") / "ck", 1)
     ckpt.attach("id_report", IdMappingReport(None, active=True))
@@ -384,7 +362,7 @@ def _load_with_report(path: Path) -> Any:
     ckpt = Checkpointer(path.parent, 1)
     report = IdMappingReport(None, active=True)
     ckpt.attach("id_report", report)
-    ckpt.load(_trainer(), path)
+    ckpt.load(base_trainer(), path)
     return report
 
 
