@@ -670,6 +670,13 @@ def _check_bad(
         )
 
 
+def requests_shared_by_users(request_ids: np.ndarray, user_ids: np.ndarray) -> np.ndarray:
+    """The request ids (ascending, unique) that ``[n]`` rows give to more than one user."""
+    order = np.lexsort((user_ids, request_ids))
+    req, users = request_ids[order], user_ids[order]
+    return np.unique(req[1:][(req[1:] == req[:-1]) & (users[1:] != users[:-1])])
+
+
 def _check_requests_of_one_user(where: str, request_ids: np.ndarray, user_ids: np.ndarray) -> None:
     """DataError if a ``request_id`` of the row group is shared by several users.
 
@@ -677,15 +684,11 @@ def _check_requests_of_one_user(where: str, request_ids: np.ndarray, user_ids: n
     ids reused across users (a log's per-user request or session counter) would silently
     merge different users' requests into one group (checked within each row group).
     """
-    if len(request_ids) < 2:
-        return
-    order = np.argsort(request_ids, kind="stable")
-    req, users = request_ids[order], user_ids[order]
-    bad = np.flatnonzero((req[1:] == req[:-1]) & (users[1:] != users[:-1]))
-    if bad.size:
-        rid = req[bad[0]]
+    shared_ids = requests_shared_by_users(request_ids, user_ids)
+    if shared_ids.size:
+        rid = shared_ids[0]
         rows = np.flatnonzero(request_ids == rid)
-        shared = np.unique(req[bad]).size
+        shared = shared_ids.size
         first_users = list(dict.fromkeys(int(u) for u in user_ids[rows]))[:3]
         raise DataError(
             f"{where}: column 'request_id': {shared} request id(s) shared by several users, first {rid} "

@@ -70,7 +70,7 @@ from cdp_rec.config import FeatureConfig, JobConfig
 from cdp_rec.data import joined as J
 from cdp_rec.data.hashing import fmix64
 from cdp_rec.data.id_maps import mapping_sha256, with_id_maps
-from cdp_rec.data.loader import DataError
+from cdp_rec.data.loader import DataError, requests_shared_by_users
 from cdp_rec.data.schema import HIST_CATEGORIES, HIST_ITEMS, day_dir_name, table_schema
 from cdp_rec.data import spec as spec_module
 from cdp_rec.data.spec import write_dataset_spec
@@ -1154,12 +1154,10 @@ class _Importer:
                 m[imp_idx] = rec["seq"][imp_idx][first][inverse.reshape(-1)]
             else:
                 # GAUC groups by request_id alone: an id under two users would merge their requests.
-                order = np.lexsort((u, raw))
-                r, uu = raw[order], u[order]
-                shared = np.flatnonzero((r[1:] == r[:-1]) & (uu[1:] != uu[:-1]))
+                shared = requests_shared_by_users(raw, u)
                 if shared.size:
                     raise DataError(
-                        f"request column: id {int(r[shared[0]])} (and {np.unique(r[shared]).size - 1:,} more) is "
+                        f"request column: id {int(shared[0])} (and {shared.size - 1:,} more) is "
                         "logged for several users, but a request is one user's (GAUC groups impressions by it); "
                         "if the log counts requests per user, pass --request-scope user")
                 m[imp_idx] = raw
