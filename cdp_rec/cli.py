@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cdp_rec.config import MAX_THREADS, ConfigError, JobConfig, load_config
+from cdp_rec.metrics import format_metric, sample_share
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -68,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports for the job
     m = result.metrics
     print(
-        f"{m['model']}: AUC {_fmt(m['auc'])}  {_groups(m)}  "
+        f"{m['model']}: AUC {format_metric(m['auc'])}  {_groups(m)}  "
         f"({m['num_train_samples']} train / {m['num_eval_samples']} eval samples, "
         f"{m['train_samples_per_s']:.0f} samples/s)"
     )
@@ -76,8 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if best:
         how = "stopped early" if m.get("stopped_early") else "ran"
         used = "tested with its weights" if m.get("restored") else "tested with the last weights"
-        print(f"validation: best {best['monitor']} {_fmt(best['value'])} at epoch {best['epoch']} step {best['step']} "
-              f"({how} {m['epochs_run']} of {cfg.train.epochs} epochs; {used})")
+        print(f"validation: best {best['monitor']} {format_metric(best['value'])} at epoch {best['epoch']} "
+              f"step {best['step']} ({how} {m['epochs_run']} of {cfg.train.epochs} epochs; {used})")
     print(f"metrics: {result.run_dir / 'metrics.json'}")
     return 0
 
@@ -181,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, None, model=model)
     m = trainer.evaluate(open_reader(cfg, root, days, cfg.train.eval_batch_size))
     d = m.to_dict()
-    print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {_fmt(d['auc'])}  {_groups(d)}  "
+    print(f"{cfg.model.name} @ {args.checkpoint} on days {days}: AUC {format_metric(d['auc'])}  {_groups(d)}  "
           f"({d['num_samples']} samples)")
     return 0
 
@@ -240,23 +241,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(x: float | None) -> str:
-    # None: metrics.json's undefined metric; NaN: evaluate's in-memory one (a test day of one label)
-    return "n/a" if x is None or x != x else f"{x:.4f}"
-
-
 def _groups(m: dict) -> str:
     """UAUC and GAUC with how many users / requests they average (those with both labels)
     and the share of the samples those hold: a GAUC of a handful of requests must not read
     like one of thousands."""
-    from cdp_rec.metrics import sample_share
-
     def share(key: str) -> str:
         pct = sample_share(m, key)
         return "" if pct is None else f", {pct} of samples"
 
-    return (f"UAUC {_fmt(m['uauc'])} ({m['num_users_used']:,} users{share('num_samples_users_used')})  "
-            f"GAUC {_fmt(m['gauc'])} ({m['num_requests_used']:,} requests{share('num_samples_requests_used')})")
+    users, requests = share("num_samples_users_used"), share("num_samples_requests_used")
+    return (f"UAUC {format_metric(m['uauc'])} ({m['num_users_used']:,} users{users})  "
+            f"GAUC {format_metric(m['gauc'])} ({m['num_requests_used']:,} requests{requests})")
 
 
 class _Parser(argparse.ArgumentParser):

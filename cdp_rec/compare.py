@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from cdp_rec.config import ConfigError, JobConfig, load_config
-from cdp_rec.metrics import sample_share
+from cdp_rec.metrics import format_metric, sample_share
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,6 @@ def measure_inference_ms(cfg: JobConfig, root: Path, reps: int = 5) -> float:
             if i:  # the first call warms up
                 times.append((time.perf_counter() - t0) * 1e3)
     return min(times)
-
-
-def _fmt_metric(value: float | None) -> str:
-    """A run's AUC / UAUC / GAUC for the progress line: ``n/a`` when undefined (a test day of one
-    label has no AUC; no user / request with both labels, no UAUC / GAUC), never a TypeError."""
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def _fmt(mean: float | None, std: float | None, n: int) -> str:
@@ -309,8 +303,8 @@ def run_compare(
                 m, run_dir = result.metrics, result.run_dir
             ms = measure_inference_ms(cfg, root)
             print(
-                f"[compare] {name} seed {seed}: AUC {_fmt_metric(m.get('auc'))} UAUC {_fmt_metric(m.get('uauc'))} "
-                f"GAUC {_fmt_metric(m.get('gauc'))}  {m['train_samples_per_s']:,.0f} samples/s  "
+                f"[compare] {name} seed {seed}: AUC {format_metric(m.get('auc'))} UAUC {format_metric(m.get('uauc'))} "
+                f"GAUC {format_metric(m.get('gauc'))}  {m['train_samples_per_s']:,.0f} samples/s  "
                 f"{ms:.1f} ms/batch  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )

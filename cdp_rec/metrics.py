@@ -344,6 +344,12 @@ class CTRMetrics:
         return dataclasses.asdict(self)
 
 
+def format_metric(value: float | None) -> str:
+    """``"0.6123"``, or ``"n/a"`` for an undefined metric: None (metrics.json's null) or NaN
+    (in memory: a test day of one label has no AUC, no group with both labels no UAUC / GAUC)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
 def auc_standard_error(auc_value: float, num_pos: int, num_neg: int) -> float:
     """Hanley & McNeil's (1982) standard error of an AUC measured on ``num_pos`` positives
     and ``num_neg`` negatives; NaN when either is 0 or ``auc_value`` is NaN.

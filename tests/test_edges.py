@@ -124,8 +124,10 @@ def test_compare_models_all_with_others_means_all():
 
 
 def test_every_undefined_metric_formats_as_na():
-    assert compare._fmt_metric(None) == compare._fmt_metric(float("nan")) == "n/a"
-    assert compare._fmt_metric(0.61234) == "0.6123"
+    from cdp_rec.metrics import format_metric
+
+    assert format_metric(None) == format_metric(float("nan")) == "n/a"
+    assert format_metric(0.61234) == "0.6123"
 
 
 def test_models_all_still_lists_the_registry_in_table_order():
@@ -147,8 +149,9 @@ def test_scoring_input_may_share_request_ids(tmp_path):
 
 
 def test_cli_prints_an_undefined_metric_as_n_a_whether_none_or_nan():
-    from cdp_rec.cli import _fmt, _groups
+    from cdp_rec.cli import _groups
+    from cdp_rec.metrics import format_metric
 
-    assert _fmt(None) == _fmt(float("nan")) == "n/a" and _fmt(0.5) == "0.5000"
+    assert format_metric(None) == format_metric(float("nan")) == "n/a" and format_metric(0.5) == "0.5000"
     m = {"uauc": float("nan"), "gauc": None, "num_users_used": 0, "num_requests_used": 0, "num_samples": 10}
     assert _groups(m) == "UAUC n/a (0 users)  GAUC n/a (0 requests)"
