@@ -261,7 +261,10 @@ class _Parser(argparse.ArgumentParser):
     splits its list arguments at commas, which JSON values hold) passes them."""
 
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
-        return shlex.split(arg_line, comments=True)
+        try:
+            return shlex.split(arg_line, comments=True)
+        except ValueError as e:  # an unclosed quote: one line and exit 2, not a traceback
+            self.error(f"an @FILE line cannot be split into words ({e}): {arg_line.strip()[:200]!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,3 +94,8 @@ def test_cli_reads_set_flags_from_an_at_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", f"@{tmp_path / 'missing'}"])
     assert e.value.code == 2 and "missing" in capsys.readouterr().err
+    args_file.write_text("--set 'train.seed=1\n")  # an unclosed quote: one line, exit 2
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", f"@{args_file}"])
+    assert e.value.code == 2 and "an @FILE line cannot be split into words (No closing quotation)" in \
+        capsys.readouterr().err
